@@ -1,0 +1,69 @@
+"""Small shared helpers: argument normalisation and validation with clear messages."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def to_2tuple(value: Any, name: str, owner: str) -> tuple[int, int]:
+    """Normalise an int-or-pair argument to ``(int, int)``; raise a clear error otherwise."""
+    if isinstance(value, bool):
+        raise TypeError(f"{owner}: {name} must be an int or a pair of ints, got bool {value!r}")
+    if isinstance(value, int):
+        return (value, value)
+    if isinstance(value, (tuple, list, torch.Size)) and len(value) == 2 and all(
+        isinstance(v, int) and not isinstance(v, bool) for v in value
+    ):
+        return (int(value[0]), int(value[1]))
+    raise TypeError(f"{owner}: {name} must be an int or a pair of ints, got {value!r}")
+
+
+def check_int(value: Any, name: str, owner: str, *, minimum: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{owner}: {name} must be an int, got {type(value).__name__} {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{owner}: {name} must be >= {minimum}, got {value}")
+    return value
+
+
+def check_float(value: Any, name: str, owner: str, *, minimum: float | None = None,
+                maximum: float | None = None) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{owner}: {name} must be a number, got {type(value).__name__} {value!r}")
+    value = float(value)
+    if value != value:
+        raise ValueError(f"{owner}: {name} must not be NaN")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{owner}: {name} must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{owner}: {name} must be <= {maximum}, got {value}")
+    return value
+
+
+def check_image_tensor(x: Any, name: str, owner: str, channels: int | None = None) -> None:
+    """Validate a ``Tensor[B, C, H, W]`` floating-point input."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{owner}: {name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(
+            f"{owner}: {name} must have shape (B, C, H, W) (4 dims), got {x.dim()} dims with shape {tuple(x.shape)}"
+        )
+    if not x.is_floating_point():
+        raise TypeError(f"{owner}: {name} must be a floating-point tensor, got dtype {x.dtype}")
+    if channels is not None and x.shape[1] != channels:
+        raise ValueError(f"{owner}: {name} must have {channels} channels (dim 1), got shape {tuple(x.shape)}")
+    if x.shape[2] < 1 or x.shape[3] < 1:
+        raise ValueError(f"{owner}: {name} must have H >= 1 and W >= 1, got shape {tuple(x.shape)}")
+
+
+def optional_import(module: str, extra: str, feature: str):
+    """Import an optional dependency or raise an ImportError naming the pip extra."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            f"{feature} needs the optional package '{module}'. Install it with: pip install 'deformattn[{extra}]'"
+        ) from exc

@@ -1,0 +1,276 @@
+"""Pure functions of deformable attention: the coordinate conventions, offset bounding, bilinear sampling of keys,
+and the reference (official-algorithm) position biases.
+
+Coordinate convention
+---------------------
+All positions are *normalised* to ``[-1, 1]`` with ``align_corners=True`` semantics: ``-1`` is the centre of the
+first pixel and ``+1`` the centre of the last one, and the last dimension is ordered **(y, x)**. Worked example on
+a map with ``W = 5`` columns: pixel column ``j`` sits at ``2 * j / (W - 1) - 1``, i.e. ``-1, -0.5, 0, 0.5, 1``; a
+normalised x of ``0.25`` lies halfway between columns 2 and 3, so bilinear sampling returns ``0.5 * x[..., 2] +
+0.5 * x[..., 3]``. Positions outside ``[-1, 1]`` read zeros beyond the border (``padding_mode="zeros"``).
+
+Reference points (the uniform grid the offsets are added to) follow the official code of each version:
+
+* ``"v1"`` (DAT, CVPR 2022): ``ref_i = (i + 0.5) / Hk * 2 - 1`` - cell centres of an ``Hk``-cell partition.
+* ``"pp"`` (DAT++, official HEAD): ``ref_i = (i + 0.5) / (Hk - 1) * 2 - 1`` - the published weights were trained
+  with this grid, so it is kept: for ``Hk = 4`` it gives ``-0.667, 0, 0.667, 1.333`` (the last point lies outside the
+  map until an offset moves it in).
+
+Query coordinates (used by the relative position bias) are ``i / (H - 1) * 2 - 1`` for ``"pp"`` and the cell-centre
+formula for ``"v1"``.
+
+Degenerate axes (length 1). The official DAT++ formulas divide by ``Hk - 1`` and ``H - 1``. What happens then:
+
+* Key grid of length 1 with clamped offsets (``offset_range_factor < 0``): the official reference is ``+inf`` and
+  the clamp puts every sample on the last row/column (``+1``). This runs in the official code, so it is reproduced
+  exactly (the reference returned is ``+inf``, the sampling positions are ``+1``).
+* Key grid of length 1 with bounded offsets (``offset_range_factor >= 0``): the official code raises
+  ``ZeroDivisionError``. Here the reference is the map centre (``0``) and the offset range is ``1`` (one half
+  of the normalised span), i.e. the v1 formulas, which are the limit of a sensible grid.
+* Query map of length 1: the official query coordinate is ``0 / 0 = NaN``; here it is the centre, ``0``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "POS_BIAS_KINDS",
+    "VERSIONS",
+    "key_grid_size",
+    "reference_points",
+    "query_grid",
+    "bound_offsets",
+    "sample_keys",
+    "pool_keys",
+    "table_bias",
+    "log_cpb_bias",
+    "log_cpb_coords",
+    "attention_core",
+]
+
+POS_BIAS_KINDS = ("table", "fixed", "dwc", "log_cpb", "none")
+VERSIONS = ("pp", "v1")
+
+
+def key_grid_size(size: int, kernel_size: int, stride: int, padding: int) -> int:
+    """Length of the key grid along one axis: the output length of the offset network's strided conv.
+
+    A map shorter than the kernel is padded (bottom/right) up to it, so the key grid always has at least one point.
+    """
+    return max((size + 2 * padding - kernel_size) // stride + 1, 1)
+
+
+def reference_points(
+    Hk: int,
+    Wk: int,
+    *,
+    version: str = "pp",
+    offset_range_factor: float = -1.0,
+    device: torch.device | None = None,
+    dtype: torch.dtype | None = None,
+) -> Tensor:
+    """Uniform reference grid of the key points.
+
+    Returns:
+        Tensor[Hk, Wk, 2]: normalised (y, x) coordinates (see the module docstring for the per-version formula).
+    """
+    axes = []
+    for n in (Hk, Wk):
+        # Same operation order as the official code (linspace, divide, *2, -1) so float64 results agree to the ulp.
+        t = torch.linspace(0.5, n - 0.5, n, device=device, dtype=dtype)
+        if version == "v1":
+            t = t.div(float(n)).mul(2.0).sub(1.0)
+        elif n > 1:
+            t = t.div(n - 1.0).mul(2.0).sub(1.0)
+        elif offset_range_factor < 0:
+            t = torch.full_like(t, math.inf)  # official: 0.5 / 0 -> +inf, clamped to +1 afterwards
+        else:
+            t = torch.zeros_like(t)  # official: ZeroDivisionError; centre of the map instead
+        axes.append(t)
+    ref_y, ref_x = torch.meshgrid(axes[0], axes[1], indexing="ij")
+    return torch.stack((ref_y, ref_x), -1)  # Hk, Wk, 2
+
+
+def query_grid(
+    H: int, W: int, *, version: str = "pp", device: torch.device | None = None, dtype: torch.dtype | None = None
+) -> Tensor:
+    """Normalised (y, x) coordinates of every query pixel, as the relative position bias sees them.
+
+    Returns:
+        Tensor[H, W, 2]
+    """
+    axes = []
+    for n in (H, W):
+        if version == "v1":
+            t = torch.linspace(0.5, n - 0.5, n, device=device, dtype=dtype).div(float(n)).mul(2.0).sub(1.0)
+        elif n > 1:
+            t = torch.arange(0, n, device=device, dtype=dtype).div(n - 1.0).mul(2.0).sub(1.0)
+        else:
+            t = torch.zeros(1, device=device, dtype=dtype)  # official: 0 / 0 = NaN
+        axes.append(t)
+    qy, qx = torch.meshgrid(axes[0], axes[1], indexing="ij")
+    return torch.stack((qy, qx), -1)  # H, W, 2
+
+
+def offset_range(Hk: int, Wk: int, version: str) -> tuple[float, float]:
+    """Scale of ``tanh(offset)`` per axis (before ``offset_range_factor``): half a grid step."""
+    if version == "v1":
+        return 1.0 / Hk, 1.0 / Wk
+    return tuple(1.0 / (n - 1.0) if n > 1 else 1.0 for n in (Hk, Wk))  # type: ignore[return-value]
+
+
+def bound_offsets(
+    offset: Tensor,
+    reference: Tensor,
+    *,
+    offset_range_factor: float,
+    version: str = "pp",
+    no_off: bool = False,
+) -> Tensor:
+    """Turn raw offsets into sampling positions.
+
+    Args:
+        offset (Tensor[BG, 2, Hk, Wk]): raw output of the offset network, channel 0 = y, 1 = x.
+        reference (Tensor[Hk, Wk, 2]): reference grid from :func:`reference_points`.
+        offset_range_factor: ``s``. DAT++: ``s >= 0`` gives ``ref + s * tanh(offset) / (Hk - 1)`` (per axis),
+            ``s < 0`` gives ``clamp(ref + offset, -1, 1)``. v1: ``s > 0`` gives ``ref + s * tanh(offset) / Hk``,
+            ``s == 0`` gives ``ref + offset`` (unbounded), ``s < 0`` gives ``tanh(ref + offset)``.
+        no_off: the offsets are zero (keys at the reference grid).
+
+    Returns:
+        Tensor[BG, Hk, Wk, 2]: sampling positions, (y, x).
+    """
+    Hk, Wk = offset.shape[-2:]
+    off = offset.permute(0, 2, 3, 1)  # BG, Hk, Wk, 2
+    if no_off:
+        off = torch.zeros_like(off)
+    bounded = offset_range_factor > 0 if version == "v1" else offset_range_factor >= 0
+    if bounded and not no_off:
+        rng = torch.tensor(offset_range(Hk, Wk, version), dtype=off.dtype, device=off.device)
+        off = off.tanh().mul(rng).mul(offset_range_factor)
+    if offset_range_factor >= 0:
+        return off + reference
+    if version == "v1":
+        return (off + reference).tanh()
+    return (off + reference).clamp(-1.0, 1.0)
+
+
+def sample_keys(x: Tensor, pos: Tensor, groups: int) -> Tensor:
+    """Bilinearly sample every group's channels at that group's positions (zeros outside the map).
+
+    Args:
+        x (Tensor[B, C, H, W]): features to sample.
+        pos (Tensor[B*G, Hk, Wk, 2]): normalised (y, x) positions.
+        groups: ``G``; channel block ``g`` of ``x`` is sampled at ``pos[b * G + g]``.
+
+    Returns:
+        Tensor[B, C, Ns] with ``Ns = Hk * Wk``.
+    """
+    B, C, H, W = x.shape
+    Hk, Wk = pos.shape[1:3]
+    sampled = F.grid_sample(
+        x.reshape(B * groups, C // groups, H, W),
+        pos.flip(-1),  # grid_sample wants (x, y)
+        mode="bilinear",
+        padding_mode="zeros",
+        align_corners=True,
+    )  # BG, Cg, Hk, Wk
+    return sampled.reshape(B, C, Hk * Wk)
+
+
+def pool_keys(x: Tensor, Hk: int, Wk: int) -> Tensor:
+    """``no_off`` keys: average-pool ``x`` to the key grid (equals ``avg_pool2d(x, stride)`` when ``H = stride*Hk``;
+    an adaptive pool keeps every size working where the official assert would fail).
+
+    Returns:
+        Tensor[B, C, Ns]
+    """
+    B, C = x.shape[:2]
+    return F.adaptive_avg_pool2d(x, (Hk, Wk)).reshape(B, C, Hk * Wk)
+
+
+def table_bias(table: Tensor, q_grid: Tensor, pos: Tensor, groups: int) -> Tensor:
+    """Deformable relative position bias, the official way: ``grid_sample`` of the table at the displacement.
+
+    The table covers displacements in ``[-2, 2]`` (normalised units) with ``2 * q_h - 1`` cells; the displacement
+    ``(q - p) / 2`` is therefore a ``grid_sample`` coordinate in ``[-1, 1]``.
+
+    Args:
+        table (Tensor[nH, Th, Tw]): the learned table, heads ordered group-major.
+        q_grid (Tensor[H, W, 2]): query coordinates.
+        pos (Tensor[B*G, Hk, Wk, 2]): key positions.
+
+    Returns:
+        Tensor[B, nH, H*W, Ns]
+    """
+    nH, Th, Tw = table.shape
+    BG = pos.shape[0]
+    B = BG // groups
+    Nq = q_grid.shape[0] * q_grid.shape[1]
+    Ns = pos.shape[1] * pos.shape[2]
+    displacement = (q_grid.reshape(1, Nq, 1, 2) - pos.reshape(BG, 1, Ns, 2)).mul(0.5)  # BG, Nq, Ns, 2
+    bias = F.grid_sample(
+        table.reshape(1, groups, nH // groups, Th, Tw).expand(B, -1, -1, -1, -1).reshape(BG, nH // groups, Th, Tw),
+        displacement.flip(-1),
+        mode="bilinear",
+        padding_mode="zeros",
+        align_corners=True,
+    )  # BG, hg, Nq, Ns
+    return bias.reshape(B, nH, Nq, Ns)
+
+
+def log_cpb_coords(q_grid: Tensor, pos: Tensor) -> Tensor:
+    """Log-spaced displacement fed to the continuous position bias MLP (DAT++, after Swin-V2).
+
+    Returns:
+        Tensor[BG, H*W, Ns, 2]: ``sign(d) * log2(|d| + 1) / 3`` with ``d = 4 (q - p)``.
+    """
+    BG = pos.shape[0]
+    Nq = q_grid.shape[0] * q_grid.shape[1]
+    Ns = pos.shape[1] * pos.shape[2]
+    d = (q_grid.reshape(1, Nq, 1, 2) - pos.reshape(BG, 1, Ns, 2)).mul(4.0)  # BG, Nq, Ns, 2
+    return torch.sign(d) * torch.log2(torch.abs(d) + 1.0) / math.log2(8.0)
+
+
+def log_cpb_bias(mlp: torch.nn.Module, q_grid: Tensor, pos: Tensor, groups: int) -> Tensor:
+    """Continuous position bias: an MLP of the log-spaced displacement, shared by the groups.
+
+    Returns:
+        Tensor[B, nH, H*W, Ns]
+    """
+    BG = pos.shape[0]
+    bias = mlp(log_cpb_coords(q_grid, pos))  # BG, Nq, Ns, hg
+    B, hg = BG // groups, bias.shape[-1]
+    return bias.permute(0, 3, 1, 2).reshape(B, groups * hg, bias.shape[1], bias.shape[2])
+
+
+def attention_core(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    bias: Tensor | None,
+    *,
+    scale: float,
+    attn_drop: float = 0.0,
+    training: bool = False,
+) -> Tensor:
+    """Plain multi-head attention over sampled keys (the official einsum formulation).
+
+    Args:
+        q (Tensor[B, nH, hc, Nq]), k (Tensor[B, nH, hc, Ns]), v (Tensor[B, nH, hc, Ns])
+        bias (Tensor[B or 1, nH, Nq, Ns] or None): added to the scaled logits.
+        training: dropout on the attention weights only when True (explicit, never implied).
+
+    Returns:
+        Tensor[B, nH, hc, Nq]
+    """
+    attn = torch.einsum("bhcm,bhcn->bhmn", q, k).mul(scale)  # B, nH, Nq, Ns
+    if bias is not None:
+        attn = attn + bias
+    attn = attn.softmax(dim=-1)
+    attn = F.dropout(attn, p=attn_drop, training=training)
+    return torch.einsum("bhmn,bhcn->bhcm", attn, v)  # B, nH, hc, Nq
