@@ -1,0 +1,312 @@
+"""DeformableAttention2d: fast path vs reference, gradients, degenerate sizes, argument validation."""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+import deformattn.backends.fast as fast
+from deformattn import DeformableAttention2d
+from deformattn import functional as DF
+
+# per-dtype tolerance of fast vs reference (outputs and gradients)
+TOL = {torch.float64: dict(rtol=1e-9, atol=1e-10), torch.float32: dict(rtol=2e-4, atol=2e-4)}
+
+# (version, pos_bias, offset_range_factor, stride, ksize, H, W, q_size, groups, heads)
+CONFIGS = [
+    ("pp", "table", -1, 1, 3, 8, 8, 8, 2, 4),
+    ("pp", "table", -1, 2, 5, 9, 7, (9, 7), 2, 4),  # odd, non-square, integer table step
+    ("pp", "table", 2, 2, 5, 6, 10, (6, 10), 1, 2),  # tanh-bounded offsets
+    ("pp", "table", -1, 8, 9, 17, 24, (17, 24), 1, 2),  # stride 8
+    ("pp", "table", -1, 1, 3, 5, 5, 9, 2, 4),  # input smaller than the table: step 2
+    ("pp", "table", -1, 1, 3, 11, 6, 7, 2, 2),  # input larger: fractional step (general gather)
+    ("pp", "table", -1, 4, 4, 3, 13, (3, 13), 1, 2),  # ksize == stride, map shorter than the kernel
+    ("pp", "table", 1, 1, 3, 1, 6, (1, 6), 2, 2),  # single query row
+    ("pp", "table", -1, 1, 3, 1, 1, 4, 1, 2),  # 1x1 map
+    ("v1", "table", 2, 1, 3, 7, 7, 7, 2, 4),
+    ("v1", "table", -1, 1, 5, 6, 9, (6, 9), 1, 2),
+    ("v1", "table", 0, 2, 5, 8, 8, 8, 2, 2),
+    ("pp", "log_cpb", -1, 2, 3, 8, 8, 8, 2, 4),
+    ("pp", "fixed", 1, 2, 3, 8, 8, 8, 2, 4),
+    ("pp", "dwc", 3, 1, 3, 5, 7, None, 2, 4),
+    ("pp", "none", 1, 1, 3, 4, 3, None, 4, 4),
+    ("v1", "dwc", -1, 2, 5, 7, 5, None, 2, 2),
+]
+
+
+def make(cfg, dim=16, dtype=torch.float64, **kw):
+    version, kind, orf, s, k, H, W, q, G, nH = cfg
+    torch.manual_seed(0)
+    m = DeformableAttention2d(
+        dim, nH, offset_groups=G, stride=s, offset_kernel_size=k, offset_range_factor=orf, pos_bias=kind,
+        q_size=q, version=version, **kw,
+    ).to(dtype)
+    with torch.no_grad():
+        for p in m.parameters():  # large enough that offsets, biases and LayerNorm all matter
+            p.copy_(torch.randn_like(p) * 0.5)
+    return m, (H, W)
+
+
+def run(m, x, backend, grad_out):
+    m.backend = backend
+    m.zero_grad(set_to_none=True)
+    xx = x.clone().requires_grad_(True)
+    y, pos, ref = m(xx, return_sampling=True)
+    (y * grad_out).sum().backward()
+    grads = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+    return y.detach(), pos.detach(), ref, xx.grad.clone(), grads
+
+
+def ids(cfg):
+    return "-".join(str(c).replace(" ", "") for c in cfg)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("block", [1 << 22, 64], ids=["one-block", "many-blocks"])
+@pytest.mark.parametrize("cfg", CONFIGS, ids=ids)
+def test_fast_equals_reference(cfg, block, dtype, monkeypatch):
+    monkeypatch.setattr(fast, "_BLOCK_ELEMS", block)
+    m, (H, W) = make(cfg, dtype=dtype)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 16, H, W, generator=g, dtype=dtype)
+    grad_out = torch.randn(2, 16, H, W, generator=g, dtype=dtype)
+    a = run(m, x, "reference", grad_out)
+    b = run(m, x, "fast", grad_out)
+    tol = TOL[dtype]
+    torch.testing.assert_close(b[0], a[0], **tol)
+    torch.testing.assert_close(b[1], a[1], **tol)
+    torch.testing.assert_close(b[2], a[2], rtol=0, atol=0)
+    torch.testing.assert_close(b[3], a[3], **tol)
+    assert set(b[4]) == set(a[4])
+    scale = max(g.abs().max().item() for g in a[4].values())
+    for name in a[4]:
+        torch.testing.assert_close(b[4][name], a[4][name], rtol=tol["rtol"], atol=tol["atol"] * max(1.0, scale),
+                                   msg=lambda s, n=name: f"{n}: {s}")
+
+
+def test_every_parameter_gets_a_gradient():
+    for cfg in CONFIGS:
+        m, (H, W) = make(cfg)
+        if (H, W) == (1, 1):
+            continue  # a 1x1 key grid in clamp mode sits on the border: no gradient reaches the offsets (official)
+        m(torch.randn(2, 16, H, W, dtype=torch.float64)).square().sum().backward()
+        for name, p in m.named_parameters():
+            assert p.grad is not None and p.grad.abs().sum() > 0, (cfg, name)
+
+
+@pytest.mark.parametrize("backend", ["reference", "fast"])
+@pytest.mark.parametrize(
+    "cfg",
+    [c for c in CONFIGS if c[1] != "none" or c[0] == "v1"] + [("pp", "none", -1, 2, 3, 5, 4, None, 2, 2)],
+    ids=ids,
+)
+def test_gradcheck(cfg, backend):
+    version, kind, orf, s, k, H, W, q, G, nH = cfg
+    m, _ = make(cfg, dim=8 if nH <= 4 and 8 % nH == 0 else 16)
+    m.backend = backend
+    dim = m.dim
+    H, W = min(H, 6), min(W, 6)
+    if kind == "fixed":
+        H, W = 8, 8
+    x = torch.randn(1, dim, H, W, dtype=torch.float64, requires_grad=True)
+    params = [p for p in m.parameters() if p.requires_grad]
+
+    def f(x, *ps):
+        with torch.nn.utils.stateless._reparametrize_module(  # noqa: SLF001 - test-only reparametrisation
+            m, {n: p for (n, _), p in zip([(n, p) for n, p in m.named_parameters() if p.requires_grad], ps)}
+        ):
+            return m(x)
+
+    ps = [p.detach().clone().requires_grad_(True) for p in params]
+    assert torch.autograd.gradcheck(f, (x, *ps), eps=1e-6, atol=1e-5, rtol=1e-4, fast_mode=True)
+
+
+def test_gradcheck_through_offsets():
+    """Gradients reach the sampling positions: check d(bias, samples)/d(offset) on the functional pieces."""
+    torch.manual_seed(0)
+    table = torch.randn(2, 9, 9, dtype=torch.float64, requires_grad=True)
+    q_grid = DF.query_grid(5, 5, dtype=torch.float64)
+    raw = torch.randn(2, 2, 3, 3, dtype=torch.float64, requires_grad=True)
+    ref = DF.reference_points(3, 3, dtype=torch.float64, offset_range_factor=2.0)
+    x = torch.randn(1, 4, 5, 5, dtype=torch.float64, requires_grad=True)
+
+    def f(raw, table, x):
+        pos = DF.bound_offsets(raw, ref, offset_range_factor=2.0)
+        return DF.table_bias(table, q_grid, pos, 2), DF.sample_keys(x, pos, 2)
+
+    assert torch.autograd.gradcheck(f, (raw, table, x))
+
+
+@pytest.mark.parametrize("backend", ["reference", "fast"])
+def test_batch_zero(backend):
+    m = DeformableAttention2d(16, 4, offset_groups=2, stride=2, q_size=8, backend=backend)
+    x = torch.randn(0, 16, 8, 8, requires_grad=True)
+    y, pos, ref = m(x, return_sampling=True)
+    assert y.shape == (0, 16, 8, 8) and pos.shape == (0, 2, 4, 4, 2) and ref.shape == (0, 2, 4, 4, 2)
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("H,W", [(1, 1), (1, 7), (5, 1), (2, 3), (15, 4)])
+@pytest.mark.parametrize("version,orf", [("pp", -1), ("pp", 2), ("v1", 2), ("v1", -1), ("v1", 0)])
+def test_any_size_runs_and_is_finite(H, W, version, orf):
+    m = DeformableAttention2d(8, 2, stride=4, offset_range_factor=orf, q_size=8, version=version).double()
+    x = torch.randn(2, 8, H, W, dtype=torch.float64, requires_grad=True)
+    y, pos, ref = m(x, return_sampling=True)
+    assert y.shape == x.shape and torch.isfinite(y).all() and torch.isfinite(pos).all()
+    y.sum().backward()
+    assert torch.isfinite(x.grad).all()
+    m.backend = "reference"
+    torch.testing.assert_close(m(x), y)
+
+
+def test_degenerate_axes_follow_the_documented_rules():
+    # DAT++ clamp mode, key grid of height 1: official reference is +inf, the clamp samples the last row (+1)
+    ref = DF.reference_points(1, 3, version="pp", offset_range_factor=-1)
+    assert torch.isinf(ref[..., 0]).all() and ref[0, 1, 1] == 0.5  # (1.5 / 2) * 2 - 1
+    raw = torch.randn(2, 2, 1, 3)
+    pos = DF.bound_offsets(raw, ref, offset_range_factor=-1)
+    assert (pos[..., 0] == 1).all()
+    # DAT++ bounded mode: the official code divides by zero; here the centre and a range of one half-span
+    ref = DF.reference_points(1, 3, version="pp", offset_range_factor=2)
+    assert (ref[..., 0] == 0).all()
+    pos = DF.bound_offsets(raw, ref, offset_range_factor=2)
+    torch.testing.assert_close(pos[..., 0], 2 * raw[:, 0].tanh())
+    # a query map of height 1 sits at the centre (official: 0/0 = NaN)
+    assert (DF.query_grid(1, 4)[..., 0] == 0).all()
+    # v1 grid: cell centres
+    torch.testing.assert_close(DF.reference_points(2, 1, version="v1")[:, 0, 0], torch.tensor([-0.5, 0.5]))
+    # DAT++ grid keeps the official (Hk - 1) normalisation: the last point lies outside the map
+    torch.testing.assert_close(DF.reference_points(4, 1)[:, 0, 0], torch.tensor([-2 / 3, 0.0, 2 / 3, 4 / 3]))
+
+
+def test_no_off_pools_and_samples_at_the_reference():
+    x = torch.randn(2, 8, 9, 7, dtype=torch.float64)
+    m = DeformableAttention2d(8, 2, stride=2, no_off=True, pos_bias="none").double()
+    y, pos, ref = m(x, return_sampling=True)
+    assert not any(p.requires_grad for p in m.conv_offset.parameters())
+    Hk, Wk = m.key_grid_size(9, 7)
+    assert pos.shape[2:4] == (Hk, Wk) == (5, 4)  # not divisible: adaptive pooling instead of the official assert
+    torch.testing.assert_close(pos, ref.clamp(-1, 1))
+    # divisible sizes: exactly avg_pool2d(x, stride), as in DAT++
+    x8 = torch.randn(2, 8, 8, 8, dtype=torch.float64)
+    q = m.proj_q(x8)
+    pos8, _ = m.sampling_positions(q)
+    torch.testing.assert_close(
+        m.sample_kv_input(x8, pos8), torch.nn.functional.avg_pool2d(x8, 2).reshape(2, 8, 16)
+    )
+    # v1 no_off: keys at the reference grid, bilinearly sampled (official crashes on Tensor.fill)
+    v1 = DeformableAttention2d(8, 2, stride=1, no_off=True, offset_range_factor=2, q_size=6, version="v1").double()
+    x6 = torch.randn(1, 8, 6, 6, dtype=torch.float64)
+    _, pos6, ref6 = v1(x6, return_sampling=True)
+    torch.testing.assert_close(pos6, ref6)
+
+
+def test_v1_fixed_pe_runs():
+    """Official v1 crashes (self.n_sample); here the fixed bias is used as DAT++ does."""
+    m = DeformableAttention2d(8, 2, stride=2, pos_bias="fixed", q_size=6, kv_size=3, version="v1",
+                              offset_range_factor=2).double()
+    x = torch.randn(2, 8, 6, 6, dtype=torch.float64)
+    y = m(x)
+    m.backend = "reference"
+    torch.testing.assert_close(m(x), y)
+    with pytest.raises(ValueError, match="fixed"):
+        m(torch.randn(2, 8, 7, 7, dtype=torch.float64))
+
+
+def test_dropout_only_in_training():
+    m = DeformableAttention2d(16, 4, stride=2, q_size=8, attn_drop=0.5, proj_drop=0.5)
+    x = torch.randn(2, 16, 8, 8)
+    m.eval()
+    torch.testing.assert_close(m(x), m(x))
+    m.train()
+    torch.manual_seed(0)
+    a = m(x)
+    torch.manual_seed(1)
+    b = m(x)
+    assert not torch.allclose(a, b)
+    a.sum().backward()  # dropout path has gradients too
+
+
+@pytest.mark.parametrize("backend", ["reference", "fast"])
+def test_deterministic(backend):
+    m = DeformableAttention2d(16, 4, offset_groups=2, stride=2, q_size=8, backend=backend)
+    x = torch.randn(2, 16, 8, 8)
+    assert torch.equal(m(x), m(x))
+
+
+# ---------------------------------------------------------------------------------------------- validation ----
+@pytest.mark.parametrize(
+    "kwargs,exc,match",
+    [
+        (dict(dim=30, num_heads=4), ValueError, r"dim \(30\) must be divisible by num_heads \(4\)"),
+        (dict(dim=32, num_heads=4, offset_groups=3), ValueError, r"num_heads \(4\) must be divisible by offset_groups"),
+        (dict(dim=32, num_heads=4, stride=4, offset_kernel_size=2, offset_padding=0), ValueError,
+         r"offset_kernel_size \(2\) must be >= stride \(4\)"),
+        (dict(dim=32, num_heads=4, pos_bias="rpe"), ValueError, "pos_bias must be one of"),
+        (dict(dim=32, num_heads=4, version="v3"), ValueError, "version must be one of"),
+        (dict(dim=32, num_heads=4, pos_bias="table"), ValueError, "needs q_size"),
+        (dict(dim=32, num_heads=4, pos_bias="log_cpb", version="v1", q_size=8), ValueError, "log_cpb"),
+        (dict(dim=32.0, num_heads=4), TypeError, "dim must be an int"),
+        (dict(dim=32, num_heads=0), ValueError, "num_heads must be >= 1"),
+        (dict(dim=32, num_heads=4, stride=0), ValueError, "stride must be >= 1"),
+        (dict(dim=32, num_heads=4, backend="cuda-magic", pos_bias="none"), ValueError, "backend"),
+        (dict(dim=32, num_heads=4, q_size=(8, 8, 8)), TypeError, "q_size"),
+        (dict(dim=32, num_heads=4, attn_drop=1.5, pos_bias="none"), ValueError, "attn_drop"),
+    ],
+)
+def test_bad_constructor_arguments(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        DeformableAttention2d(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "x,exc,match",
+    [
+        (torch.randn(16, 8, 8), ValueError, r"shape \(B, C, H, W\).*got 3 dims"),
+        (torch.randn(2, 12, 8, 8), ValueError, "must have 16 channels"),
+        (torch.randint(0, 5, (2, 16, 8, 8)), TypeError, "floating-point"),
+        ([[1.0]], TypeError, "torch.Tensor"),
+    ],
+)
+def test_bad_inputs(x, exc, match):
+    m = DeformableAttention2d(16, 4, stride=2, q_size=8)
+    with pytest.raises(exc, match=match):
+        m(x)
+
+
+def test_official_names_for_every_bias_kind():
+    for kind, expected in [("table", torch.nn.Parameter), ("fixed", torch.nn.Parameter),
+                           ("dwc", torch.nn.Conv2d), ("log_cpb", torch.nn.Sequential)]:
+        m = DeformableAttention2d(16, 4, stride=2, q_size=8, pos_bias=kind)
+        assert isinstance(m.rpe_table, expected)
+    assert DeformableAttention2d(16, 4, pos_bias="none").rpe_table is None
+
+
+def test_backend_env_override(monkeypatch):
+    from deformattn.backends import BACKENDS, select_backend
+
+    m = DeformableAttention2d(16, 4, stride=2, q_size=8)
+    x = torch.randn(1, 16, 8, 8)
+    assert select_backend(m, x) is BACKENDS["fast"]
+    monkeypatch.setenv("DEFORMATTN_BACKEND", "reference")
+    assert select_backend(m, x) is BACKENDS["reference"]
+    monkeypatch.setenv("DEFORMATTN_BACKEND", "nope")
+    with pytest.raises(ValueError, match="unknown backend"):
+        m(x)
+
+
+def test_table_resolution_independent_at_built_size():
+    """Table bias sampled at a different resolution is the same continuous function: the fast general gather
+    equals grid_sample for many query/table size combinations."""
+    torch.manual_seed(0)
+    for (H, W), (qh, qw), version in itertools.product([(4, 4), (7, 3), (9, 12)], [(4, 4), (7, 9)], ["pp", "v1"]):
+        m = DeformableAttention2d(8, 2, stride=1, q_size=(qh, qw), kv_size=(qh, qw), version=version).double()
+        with torch.no_grad():
+            m.rpe_table.normal_()
+        x = torch.randn(1, 8, H, W, dtype=torch.float64)
+        m.backend = "reference"
+        a = m(x)
+        m.backend = "fast"
+        torch.testing.assert_close(m(x), a, rtol=1e-10, atol=1e-10)
