@@ -62,11 +62,22 @@ def ids(cfg):
     return "-".join(str(c).replace(" ", "") for c in cfg)
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
-@pytest.mark.parametrize("block", [1 << 22, 64], ids=["one-block", "many-blocks"])
-@pytest.mark.parametrize("cfg", CONFIGS, ids=ids)
-def test_fast_equals_reference(cfg, block, dtype, monkeypatch):
+# fast-path modes: autograd keeps the (small) attention matrix; or the custom recomputing backward with one block
+# or many blocks of query rows (what large maps use)
+MODES = {"keep": (1 << 22, 1 << 23), "recompute-one-block": (1 << 22, 0), "recompute-blocks": (64, 0)}
+
+
+@pytest.fixture(params=list(MODES))
+def fast_mode(request, monkeypatch):
+    block, save = MODES[request.param]
     monkeypatch.setattr(fast, "_BLOCK_ELEMS", block)
+    monkeypatch.setattr(fast, "_SAVE_ELEMS", save)
+    return request.param
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("cfg", CONFIGS, ids=ids)
+def test_fast_equals_reference(cfg, dtype, fast_mode):
     m, (H, W) = make(cfg, dtype=dtype)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, 16, H, W, generator=g, dtype=dtype)
@@ -101,7 +112,9 @@ def test_every_parameter_gets_a_gradient():
     [c for c in CONFIGS if c[1] != "none" or c[0] == "v1"] + [("pp", "none", -1, 2, 3, 5, 4, None, 2, 2)],
     ids=ids,
 )
-def test_gradcheck(cfg, backend):
+def test_gradcheck(cfg, backend, fast_mode):
+    if backend == "reference" and fast_mode != "keep":
+        pytest.skip("the mode only changes the fast path")
     version, kind, orf, s, k, H, W, q, G, nH = cfg
     m, _ = make(cfg, dim=8 if nH <= 4 and 8 % nH == 0 else 16)
     m.backend = backend

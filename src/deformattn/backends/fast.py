@@ -30,8 +30,11 @@ from .. import functional as DF
 if TYPE_CHECKING:  # pragma: no cover
     from ..attention import DeformableAttention2d
 
-# Elements of one bias/attention block (B * nH * rows * W * Ns): 4M floats = 16 MB in float32.
-_BLOCK_ELEMS = int(os.environ.get("DEFORMATTN_BLOCK_ELEMS", 1 << 22))
+# Elements of one bias/attention block (B * nH * rows * W * Ns): 512K floats = 2 MB in float32, which keeps a
+# block's intermediates in cache and bounds the backward pass's memory (measured: det_stage1 peak 185 MiB vs 1 GiB).
+_BLOCK_ELEMS = int(os.environ.get("DEFORMATTN_BLOCK_ELEMS", 1 << 19))
+# Below this many attention elements autograd keeps the whole attention matrix (cheaper than recomputing it).
+_SAVE_ELEMS = int(os.environ.get("DEFORMATTN_SAVE_ELEMS", 1 << 23))
 
 BiasFn = Callable[[int, int, Sequence[Tensor]], Tensor]
 
@@ -56,121 +59,99 @@ class _WindowTableBias(torch.autograd.Function):
 
     Inputs: table (Tensor[G, hg, Th, Tw]), cy, cx (Tensor[B, G, Ns]: table coordinates of query row/col 0),
     rows ``r0:r1``, steps ``S, Sx`` and the query map width ``W``. Output: Tensor[B, G, hg, (r1-r0)*W, Ns].
+    Everything is laid out keys-last, the layout the attention mask needs, so no pass transposes.
     """
 
     @staticmethod
     def forward(ctx, table: Tensor, cy: Tensor, cx: Tensor, r0: int, r1: int, S: int, Sx: int, W: int) -> Tensor:
         G, hg, Th, Tw = table.shape
+        B, _, Ns = cy.shape
         Hc = r1 - r0
-        rows, cols = S * (Hc - 1) + 2, Sx * (W - 1) + 2
+        S1, Sx1 = max(S, 1), max(Sx, 1)  # a step of 0 only occurs with a single row / column
+        rows, cols = S1 * (Hc - 1) + 2, Sx1 * (W - 1) + 2
         # zero border wide enough that a window starting anywhere in [-P, T] stays inside the padded table
         Py, Px = rows, cols
-        Tp = F.pad(table, (Px, Px, Py, Py))  # G, hg, Th + 2Py, Tw + 2Px
+        Tp = F.pad(table, (Px, Px, Py, Py))  # G, hg, Hp, Wp
+        Hp, Wp = Tp.shape[-2:]
         uy = cy + S * r0
         fy, fx = torch.floor(uy), torch.floor(cx)
-        wy, wx = uy - fy, cx - fx  # B, G, Ns
-        oy = fy.clamp(-Py, Th).long() + Py
-        ox = fx.clamp(-Px, Tw).long() + Px
-        Z = _windows(Tp, oy, ox, rows, cols)  # B, G, Ns, hg, rows, cols
-        wx_ = wx[..., None, None, None]
-        wy_ = wy[..., None, None, None]
-        S1, Sx1 = max(S, 1), max(Sx, 1)  # a step of 0 only occurs with a single row / column
-        X = torch.lerp(Z[..., 0 : Sx1 * (W - 1) + 1 : Sx1], Z[..., 1 : Sx1 * (W - 1) + 2 : Sx1], wx_)  # ..., rows, W
-        X0 = X[..., 0 : S1 * (Hc - 1) + 1 : S1, :]  # B, G, Ns, hg, Hc, W
-        X1 = X[..., 1 : S1 * (Hc - 1) + 2 : S1, :]
-        bias = torch.lerp(X0, X1, wy_)  # B, G, Ns, hg, Hc, W
-        ctx.save_for_backward(Z, X0, X1, wy, wx, oy, ox)
-        ctx.meta = (table.shape, S, Sx, W, Hc, rows, cols, Py, Px, r0)
-        B, Ns = cy.shape[0], cy.shape[-1]
-        return bias.permute(0, 1, 3, 4, 5, 2).reshape(B, G, hg, Hc * W, Ns)
+        wy, wx = (uy - fy).unsqueeze(2), (cx - fx).unsqueeze(2)  # B, G, 1, Ns
+        base = (fy.clamp(-Py, Th).long() + Py) * Wp + fx.clamp(-Px, Tw).long() + Px  # B, G, Ns
+        offs = (torch.arange(rows, device=table.device) * Wp).view(rows, 1) + torch.arange(cols, device=table.device)
+        idx = base.unsqueeze(2) + offs.reshape(1, 1, rows * cols, 1)  # B, G, rows*cols, Ns
+        Z = torch.gather(
+            Tp.reshape(1, G, hg, Hp * Wp).expand(B, G, hg, Hp * Wp),
+            3,
+            idx.reshape(B, G, 1, rows * cols * Ns).expand(B, G, hg, rows * cols * Ns),
+        ).reshape(B, G, hg, rows, cols, Ns)
+        wx_, wy_ = wx.unsqueeze(2).unsqueeze(2), wy.unsqueeze(2).unsqueeze(2)  # B, G, 1, 1, 1, Ns
+        X = torch.lerp(Z[:, :, :, :, 0 : Sx1 * (W - 1) + 1 : Sx1], Z[:, :, :, :, 1 : Sx1 * (W - 1) + 2 : Sx1], wx_)
+        X0 = X[:, :, :, 0 : S1 * (Hc - 1) + 1 : S1]  # B, G, hg, Hc, W, Ns
+        X1 = X[:, :, :, 1 : S1 * (Hc - 1) + 2 : S1]
+        bias = torch.lerp(X0, X1, wy_)  # B, G, hg, Hc, W, Ns
+        ctx.save_for_backward(Z, X, wy_, wx_, idx)
+        ctx.meta = (table.shape, S1, Sx1, W, Hc, rows, cols, Py, Px, Hp, Wp)
+        return bias.reshape(B, G, hg, Hc * W, Ns)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        Z, X0, X1, wy, wx, oy, ox = ctx.saved_tensors
-        (G, hg, Th, Tw), S, Sx, W, Hc, rows, cols, Py, Px, r0 = ctx.meta
-        B, Ns = wy.shape[0], wy.shape[-1]
-        dB = grad.reshape(B, G, hg, Hc, W, Ns).permute(0, 1, 5, 2, 3, 4)  # B, G, Ns, hg, Hc, W
-        wy_ = wy[..., None, None, None]
-        wx_ = wx[..., None, None, None]
-        d_wy = (dB * (X1 - X0)).sum((-3, -2, -1))  # B, G, Ns
-        S1, Sx1 = max(S, 1), max(Sx, 1)
-        dX = dB.new_zeros(X0.shape[:-2] + (rows, W))
-        dX[..., 0 : S1 * (Hc - 1) + 1 : S1, :] += dB * (1 - wy_)
-        dX[..., 1 : S1 * (Hc - 1) + 2 : S1, :] += dB * wy_
-        Zl = Z[..., 0 : Sx1 * (W - 1) + 1 : Sx1]
-        Zr = Z[..., 1 : Sx1 * (W - 1) + 2 : Sx1]
-        d_wx = (dX * (Zr - Zl)).sum((-3, -2, -1))
-        dZ = dB.new_zeros(Z.shape)
-        dZ[..., 0 : Sx1 * (W - 1) + 1 : Sx1] += dX * (1 - wx_)
-        dZ[..., 1 : Sx1 * (W - 1) + 2 : Sx1] += dX * wx_
+        Z, X, wy_, wx_, idx = ctx.saved_tensors
+        (G, hg, Th, Tw), S1, Sx1, W, Hc, rows, cols, Py, Px, Hp, Wp = ctx.meta
+        B, Ns = Z.shape[0], Z.shape[-1]
+        dB = grad.reshape(B, G, hg, Hc, W, Ns)
+        ry0, ry1 = slice(0, S1 * (Hc - 1) + 1, S1), slice(1, S1 * (Hc - 1) + 2, S1)
+        cx0, cx1 = slice(0, Sx1 * (W - 1) + 1, Sx1), slice(1, Sx1 * (W - 1) + 2, Sx1)
+        # d/dwy: sum over heads and queries of dB * (X1 - X0); the weights move with c(n) at unit rate
+        d_wy = (dB * (X[:, :, :, ry1] - X[:, :, :, ry0])).sum((2, 3, 4))  # B, G, Ns
+        dX = torch.zeros_like(X)
+        dX[:, :, :, ry1] = dB * wy_
+        dX[:, :, :, ry0] += torch.addcmul(dB, dB, wy_, value=-1.0)
+        d_wx = (dX * (Z[:, :, :, :, cx1] - Z[:, :, :, :, cx0])).sum((2, 3, 4))  # B, G, Ns
         d_table = None
         if ctx.needs_input_grad[0]:
-            dTp = dB.new_zeros(G, hg, Th + 2 * Py, Tw + 2 * Px)
-            _windows_add_(dTp, oy, ox, dZ)
-            d_table = dTp[:, :, Py : Py + Th, Px : Px + Tw]
-        # u = S*i + c(n): the integer parts are piecewise constant, so d(weight)/dc = 1
+            dZ = torch.zeros_like(Z)
+            dZ[:, :, :, :, cx1] = dX * wx_
+            dZ[:, :, :, :, cx0] += torch.addcmul(dX, dX, wx_, value=-1.0)
+            dTp = dZ.new_zeros(B, G, hg, Hp * Wp)
+            dTp.scatter_add_(
+                3,
+                idx.reshape(B, G, 1, rows * cols * Ns).expand(B, G, hg, rows * cols * Ns),
+                dZ.reshape(B, G, hg, rows * cols * Ns),
+            )
+            d_table = dTp.sum(0).reshape(G, hg, Hp, Wp)[:, :, Py : Py + Th, Px : Px + Tw]
         return d_table, d_wy, d_wx, None, None, None, None, None
 
 
-def _window_view(Tp: Tensor, rows: int, cols: int) -> Tensor:
-    """View ``V[g, h, y, x, r, c] = Tp[g, h, y + r, x + c]`` of every window (no copy)."""
-    G, hg, Hp, Wp = Tp.shape
-    s = Tp.stride()
-    return Tp.as_strided((G, hg, Hp - rows + 1, Wp - cols + 1, rows, cols), (s[0], s[1], s[2], s[3], s[2], s[3]))
-
-
-def _windows(Tp: Tensor, oy: Tensor, ox: Tensor, rows: int, cols: int) -> Tensor:
-    """Gather the window of every (batch, group, key): Tensor[B, G, Ns, hg, rows, cols]."""
-    G = Tp.shape[0]
-    V = _window_view(Tp.contiguous(), rows, cols).transpose(0, 1)  # hg, G, Ly, Lx, rows, cols
-    g = torch.arange(G, device=Tp.device).view(1, G, 1)
-    return V[:, g, oy, ox].permute(1, 2, 3, 0, 4, 5)  # B, G, Ns, hg, rows, cols
-
-
-def _windows_add_(dTp: Tensor, oy: Tensor, ox: Tensor, dZ: Tensor) -> None:
-    """Adjoint of :func:`_windows`: accumulate every window's gradient into the padded table (in place)."""
-    G, hg, Hp, Wp = dTp.shape
-    B, _, Ns, _, rows, cols = dZ.shape
-    r = torch.arange(rows, device=dTp.device)
-    c = torch.arange(cols, device=dTp.device)
-    flat = ((oy[..., None, None] + r.view(rows, 1)) * Wp + ox[..., None, None] + c)  # B, G, Ns, rows, cols
-    flat = flat + (torch.arange(G, device=dTp.device) * (hg * Hp * Wp)).view(1, G, 1, 1, 1)
-    flat = flat.unsqueeze(3) + (torch.arange(hg, device=dTp.device) * (Hp * Wp)).view(1, 1, 1, hg, 1, 1)
-    dTp.view(-1).index_add_(0, flat.reshape(-1), dZ.reshape(-1))
-
-
-def _general_table_bias(
-    table: Tensor, uy: Tensor, ux: Tensor
-) -> Tensor:
-    """Table bias for any query step, by separable gathers (rows, then columns); autograd does the backward.
+def _general_table_bias(table: Tensor, qy: Tensor, qx: Tensor, p: Tensor) -> Tensor:
+    """Table bias for any query step: ``grid_sample`` of the table, with the displacement grid written once in
+    ``(x, y)`` order (the reference builds, scales and flips it in three passes).
 
     Args:
-        table (Tensor[G, hg, Th, Tw]); uy (Tensor[B, G, Hc, Ns]) and ux (Tensor[B, G, W, Ns]): table coordinates.
+        table (Tensor[G, hg, Th, Tw]); qy (Tensor[Hc]), qx (Tensor[W]): query coordinates; p (Tensor[B, G, Ns, 2]).
 
     Returns:
         Tensor[B, G, hg, Hc*W, Ns]
     """
     G, hg, Th, Tw = table.shape
-    B, _, Hc, Ns = uy.shape
-    W = ux.shape[2]
-    Tp = F.pad(table, (2, 2, 2, 2))  # G, hg, Th+4, Tw+4
-    fy, fx = torch.floor(uy), torch.floor(ux)
-    wy, wx = uy - fy, ux - fx
-    iy = fy.clamp(-2, Th).long() + 2  # B, G, Hc, Ns
-    ix = fx.clamp(-2, Tw).long() + 2  # B, G, W, Ns
-    g = torch.arange(G, device=table.device).view(1, G, 1, 1)
-    TpT = Tp.transpose(1, 2)  # G, Thp, hg, Twp
-    r0 = TpT[g, iy]  # B, G, Hc, Ns, hg, Twp
-    r1 = TpT[g, iy + 1]
-    Y = torch.lerp(r0, r1, wy[..., None, None])  # B, G, Hc, Ns, hg, Twp
-    idx = ix.permute(0, 1, 3, 2)[:, :, None, :, None, :].expand(B, G, Hc, Ns, hg, W)
-    c0 = torch.gather(Y, -1, idx)
-    c1 = torch.gather(Y, -1, idx + 1)
-    bias = torch.lerp(c0, c1, wx.permute(0, 1, 3, 2)[:, :, None, :, None, :])  # B, G, Hc, Ns, hg, W
-    return bias.permute(0, 1, 4, 2, 5, 3).reshape(B, G, hg, Hc * W, Ns)
+    B, _, Ns, _ = p.shape
+    Hc, W = qy.numel(), qx.numel()
+    half = p.mul(-0.5)  # B, G, Ns, 2
+    gx = (qx * 0.5).view(1, 1, 1, W, 1) + half[..., 1].view(B, G, 1, 1, Ns)  # B, G, 1, W, Ns
+    gy = (qy * 0.5).view(1, 1, Hc, 1, 1) + half[..., 0].view(B, G, 1, 1, Ns)  # B, G, Hc, 1, Ns
+    grid = torch.stack(torch.broadcast_tensors(gx, gy), dim=-1)  # B, G, Hc, W, Ns, 2
+    bias = F.grid_sample(
+        table.unsqueeze(0).expand(B, G, hg, Th, Tw).reshape(B * G, hg, Th, Tw),
+        grid.reshape(B * G, Hc * W, Ns, 2),
+        mode="bilinear",
+        padding_mode="zeros",
+        align_corners=True,
+    )  # BG, hg, Hc*W, Ns
+    return bias.reshape(B, G, hg, Hc * W, Ns)
 
 
-def _make_table_bias_fn(m: "DeformableAttention2d", H: int, W: int, pos: Tensor) -> tuple[BiasFn, list[Tensor]]:
+def _make_table_bias_fn(
+    m: "DeformableAttention2d", H: int, W: int, pos: Tensor, window: bool
+) -> tuple[BiasFn, list[Tensor]]:
     table = m.rpe_table
     nH = m.num_heads
     G = m.offset_groups
@@ -182,10 +163,10 @@ def _make_table_bias_fn(m: "DeformableAttention2d", H: int, W: int, pos: Tensor)
     qy, qx = qg[:, 0, 0], qg[0, :, 1]
     p = pos.reshape(B, G, Ns, 2)
     table4 = table.reshape(G, hg, Th, Tw)
-    A_y, A_x = (Th - 1) / 4.0, (Tw - 1) / 4.0
     S, Sxi = _table_step(Th, H, m.version), _table_step(Tw, W, m.version)
 
-    if S is not None and Sxi is not None:
+    if window and S is not None and Sxi is not None:
+        A_y, A_x = (Th - 1) / 4.0, (Tw - 1) / 4.0
         # table coordinate of query row / column 0 for every key: u = S * i + c(n)
         cy = A_y * (qy[0] - p[..., 0] + 2.0)  # B, G, Ns
         cx = A_x * (qx[0] - p[..., 1] + 2.0)
@@ -199,19 +180,22 @@ def _make_table_bias_fn(m: "DeformableAttention2d", H: int, W: int, pos: Tensor)
 
     def bias_fn_general(r0: int, r1: int, tensors: Sequence[Tensor]) -> Tensor:
         t, p_ = tensors
-        uy = A_y * (qy[r0:r1].view(1, 1, -1, 1) - p_[..., 0].unsqueeze(2) + 2.0)  # B, G, Hc, Ns
-        ux = A_x * (qx.view(1, 1, -1, 1) - p_[..., 1].unsqueeze(2) + 2.0)  # B, G, W, Ns
-        return _general_table_bias(t, uy, ux).reshape(B, nH, (r1 - r0) * W, Ns)
+        return _general_table_bias(t, qy[r0:r1], qx, p_).reshape(B, nH, (r1 - r0) * W, Ns)
 
     return bias_fn_general, [table4, p]
 
 
-def _make_bias_fn(m: "DeformableAttention2d", H: int, W: int, pos: Tensor) -> tuple[BiasFn | None, list[Tensor]]:
+def _make_bias_fn(
+    m: "DeformableAttention2d", H: int, W: int, pos: Tensor, window: bool = True
+) -> tuple[BiasFn | None, list[Tensor]]:
+    """The bias of the module's kind as ``bias_fn(r0, r1, tensors) -> Tensor[B or 1, nH, (r1-r0)*W, Ns]`` plus the
+    tensors it reads (the custom backward differentiates with respect to them). ``window`` allows the window
+    gather for the table bias (fastest forward; its multi-pass backward only pays off on large maps)."""
     kind = m.pos_bias
     BG, Hk, Wk, _ = pos.shape
     Ns = Hk * Wk
     if kind == "table":
-        return _make_table_bias_fn(m, H, W, pos)
+        return _make_table_bias_fn(m, H, W, pos, window)
     if kind == "fixed":
         nH = m.num_heads
 
@@ -292,21 +276,23 @@ class _BlockAttention(torch.autograd.Function):
         leaves = [t.detach().requires_grad_(w) for t, w in zip(bias_inputs, want)]
         d_out = d_out.contiguous()
         delta = (d_out * out).sum(-1, keepdim=True)  # B, nH, Nq, 1
+        q_s, k_s = q * scale, k * scale  # the scale folded into the small operands
         kT = k.transpose(-1, -2)
+        vT = v.transpose(-1, -2)
         for r0, r1 in blocks:
             sl = slice(r0 * W, r1 * W)
-            qb, dob = q[:, :, sl], d_out[:, :, sl]
+            qb, dob = q_s[:, :, sl], d_out[:, :, sl]
             with torch.enable_grad():
                 bias = bias_fn(r0, r1, leaves) if bias_fn is not None else None
-            logits = torch.matmul(qb, kT) * scale  # B, nH, Nc, Ns
+            P = torch.matmul(qb, kT)  # B, nH, Nc, Ns
             if bias is not None:
-                logits = logits + bias.detach()
-            P = torch.exp(logits - lse[:, :, sl].unsqueeze(-1))
+                P.add_(bias.detach())
+            P.sub_(lse[:, :, sl].unsqueeze(-1)).exp_()  # softmax from the saved log-sum-exp
             dv += torch.matmul(P.transpose(-1, -2), dob)
-            dP = torch.matmul(dob, v.transpose(-1, -2))
-            dS = P * (dP - delta[:, :, sl])  # B, nH, Nc, Ns: gradient of the logits (and of the bias)
-            dq[:, :, sl] = torch.matmul(dS, k) * scale
-            dk += torch.matmul(dS.transpose(-1, -2), qb) * scale
+            dS = torch.matmul(dob, vT).sub_(delta[:, :, sl]).mul_(P)  # gradient of the logits (and the bias)
+            del P
+            dq[:, :, sl] = torch.matmul(dS, k_s)
+            dk += torch.matmul(dS.transpose(-1, -2), qb)
             if bias is not None and bias.requires_grad:
                 grad_b = dS if bias.shape[0] == dS.shape[0] else dS.sum(0, keepdim=True)
                 torch.autograd.backward(bias, grad_b.to(bias.dtype))
@@ -355,10 +341,14 @@ def attend(
             mask = bias_fn(r0, r1, bias_inputs) if bias_fn is not None else None
             if mask is not None:
                 mask = mask.to(q.dtype)
-            out[:, :, r0 * W : r1 * W] = F.scaled_dot_product_attention(
-                q[:, :, r0 * W : r1 * W], k, v, attn_mask=mask, scale=scale
-            )
+            out[:, :, r0 * W : r1 * W] = _sdpa_lse(q[:, :, r0 * W : r1 * W], k, v, mask, scale)[0]
         return out
+    if B * nH * Nq * Ns <= _SAVE_ELEMS:
+        # small problem: plain autograd over one block (fused softmax backward, nothing recomputed)
+        logits = torch.matmul(q * scale, k.transpose(-1, -2))  # B, nH, Nq, Ns
+        if bias_fn is not None:
+            logits = logits + bias_fn(0, H, bias_inputs)
+        return torch.matmul(logits.softmax(-1), v)
     return _BlockAttention.apply(q, k, v, bias_fn, blocks, W, scale, *bias_inputs)
 
 
@@ -375,10 +365,14 @@ def forward(m: "DeformableAttention2d", x: Tensor) -> tuple[Tensor, Tensor, Tens
     x_sampled = m.sample_kv_input(x, pos)  # B, C, Ns
     Ns = x_sampled.shape[-1]
     xs = x_sampled.transpose(1, 2)  # B, Ns, C
-    k = _proj(m.proj_k, xs).reshape(B, Ns, nH, hc).transpose(1, 2)  # B, nH, Ns, hc
-    v = _proj(m.proj_v, xs).reshape(B, Ns, nH, hc).transpose(1, 2)  # B, nH, Ns, hc
-    qh = q.reshape(B, nH, hc, H * W).transpose(-1, -2)  # B, nH, H*W, hc
-    bias_fn, bias_inputs = _make_bias_fn(m, H, W, pos)
+    k = _proj(m.proj_k, xs).reshape(B, Ns, nH, hc).transpose(1, 2).contiguous()  # B, nH, Ns, hc
+    v = _proj(m.proj_v, xs).reshape(B, Ns, nH, hc).transpose(1, 2).contiguous()  # B, nH, Ns, hc
+    qh = q.reshape(B, nH, hc, H * W).transpose(-1, -2).contiguous()  # B, nH, H*W, hc
+    # grid_sample's fused backward beats the window gather's when autograd keeps the whole (small) matrix
+    small = B * nH * H * W * Ns <= _SAVE_ELEMS
+    window = not (torch.is_grad_enabled() and small and (x.requires_grad or m.rpe_table is not None
+                                                        and getattr(m.rpe_table, "requires_grad", False)))
+    bias_fn, bias_inputs = _make_bias_fn(m, H, W, pos, window=window)
     out = attend(
         qh, k, v, bias_fn, bias_inputs, H=H, W=W, scale=m.scale, attn_drop=m.attn_drop, training=m.training
     )  # B, nH, H*W, hc
