@@ -323,3 +323,42 @@ def test_table_resolution_independent_at_built_size():
         a = m(x)
         m.backend = "fast"
         torch.testing.assert_close(m(x), a, rtol=1e-10, atol=1e-10)
+
+
+def test_gather_sampler_equals_grid_sample():
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 7, 9, dtype=torch.float64, requires_grad=True)
+    # points inside, on the border, partly and fully outside the map
+    grid = (torch.rand(3, 4, 6, 2, dtype=torch.float64) * 3.0 - 1.5).requires_grad_(True)
+    grid.data[0, 0, 0] = torch.tensor([1.0, -1.0], dtype=torch.float64)
+    grid.data[0, 0, 1] = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    a = torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+    b = DF.grid_sample_gather(x, grid)
+    torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(a)
+    ga = torch.autograd.grad(a, (x, grid), g)
+    gb = torch.autograd.grad(b, (x, grid), g)
+    for u, w in zip(ga, gb):
+        torch.testing.assert_close(w, u, rtol=1e-10, atol=1e-10)
+    # gradcheck away from the kinks (integer pixel positions, where finite differences straddle two cells)
+    smooth_grid = (torch.rand(1, 3, 4, 2, dtype=torch.float64) * 2.4 - 1.2).requires_grad_(True)
+    assert torch.autograd.gradcheck(DF.grid_sample_gather, (x.detach()[:1, :2].requires_grad_(), smooth_grid))
+
+
+@pytest.mark.parametrize("cfg", [c for c in CONFIGS if c[1] in ("table", "none")][:6], ids=ids)
+def test_gather_sampler_module(cfg):
+    m, (H, W) = make(cfg)
+    x = torch.randn(2, 16, H, W, dtype=torch.float64)
+    m.backend = "reference"
+    a = m(x)
+    g = DeformableAttention2d(**{**_kwargs(m), "sampler": "gather"}).double()
+    g.load_state_dict(m.state_dict())
+    torch.testing.assert_close(g(x), a, rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match="sampler"):
+        DeformableAttention2d(16, 4, pos_bias="none", sampler="nearest")
+
+
+def _kwargs(m):
+    return dict(dim=m.dim, num_heads=m.num_heads, offset_groups=m.offset_groups, stride=m.stride,
+                offset_kernel_size=m.offset_kernel_size, offset_range_factor=m.offset_range_factor,
+                pos_bias=m.pos_bias, q_size=m.q_size, kv_size=m.kv_size, no_off=m.no_off, version=m.version)

@@ -65,6 +65,9 @@ class DeformableAttention2d(nn.Module):
         version: ``"pp"`` (DAT++, official HEAD, default) or ``"v1"`` (CVPR 2022 code).
         attn_drop, proj_drop: dropout on the attention weights and on the output (training mode only).
         backend: ``None`` (fastest that supports the configuration), ``"fast"`` or ``"reference"``.
+        sampler: ``"grid_sample"`` (default) or ``"gather"``: bilinear sampling (keys and, on the reference path, the
+            bias table) from gather and arithmetic only, for exporting to runtimes without a correct GridSample.
+            ``"gather"`` runs the reference backend's algorithm (plain ops, exportable).
 
     Shape:
         - Input: ``Tensor[B, C, H, W]``, any ``H, W >= 1``.
@@ -97,6 +100,7 @@ class DeformableAttention2d(nn.Module):
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
         backend: str | None = None,
+        sampler: str = "grid_sample",
     ):
         super().__init__()
         dim = check_int(dim, "dim", _OWNER, minimum=1)
@@ -134,6 +138,8 @@ class DeformableAttention2d(nn.Module):
         proj_drop = check_float(proj_drop, "proj_drop", _OWNER, minimum=0.0, maximum=1.0)
         if backend is not None and backend not in BACKENDS:
             raise ValueError(f"{_OWNER}: backend must be None or one of {tuple(BACKENDS)}, got {backend!r}")
+        if sampler not in DF.SAMPLERS:
+            raise ValueError(f"{_OWNER}: sampler must be one of {DF.SAMPLERS}, got {sampler!r}")
         if not isinstance(no_off, bool):
             raise TypeError(f"{_OWNER}: no_off must be a bool, got {type(no_off).__name__}")
 
@@ -169,6 +175,7 @@ class DeformableAttention2d(nn.Module):
         self.attn_drop = attn_drop
         self.proj_drop = proj_drop
         self.backend = backend
+        self.sampler = sampler
 
         Cg = self.group_dim
         self.conv_offset = nn.Sequential(
@@ -256,7 +263,7 @@ class DeformableAttention2d(nn.Module):
         Hk, Wk = pos.shape[1:3]
         if self.no_off and self.version == "pp":
             return DF.pool_keys(x, Hk, Wk)
-        return DF.sample_keys(x, pos, self.offset_groups)
+        return DF.sample_keys(x, pos, self.offset_groups, self.sampler)
 
     def forward(self, x: Tensor, return_sampling: bool = False):
         check_image_tensor(x, "x", _OWNER, channels=self.dim)

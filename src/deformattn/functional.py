@@ -44,6 +44,9 @@ __all__ = [
     "reference_points",
     "query_grid",
     "bound_offsets",
+    "SAMPLERS",
+    "bilinear_sample",
+    "grid_sample_gather",
     "sample_keys",
     "pool_keys",
     "table_bias",
@@ -53,6 +56,7 @@ __all__ = [
 ]
 
 POS_BIAS_KINDS = ("table", "fixed", "dwc", "log_cpb", "none")
+SAMPLERS = ("grid_sample", "gather")
 VERSIONS = ("pp", "v1")
 
 
@@ -159,7 +163,44 @@ def bound_offsets(
     return (off + reference).clamp(-1.0, 1.0)
 
 
-def sample_keys(x: Tensor, pos: Tensor, groups: int) -> Tensor:
+def grid_sample_gather(input: Tensor, grid: Tensor) -> Tensor:
+    """``F.grid_sample(input, grid, mode="bilinear", padding_mode="zeros", align_corners=True)`` built from
+    ``gather`` and arithmetic only (no GridSample operator), for runtimes without a correct GridSample.
+
+    Args:
+        input (Tensor[N, C, H, W]); grid (Tensor[N, Ho, Wo, 2]) normalised (x, y).
+
+    Returns:
+        Tensor[N, C, Ho, Wo]
+    """
+    N, C, H, W = input.shape
+    Ho, Wo = grid.shape[1:3]
+    ix = (grid[..., 0] + 1.0) * (0.5 * (W - 1))  # N, Ho, Wo (pixel coordinates)
+    iy = (grid[..., 1] + 1.0) * (0.5 * (H - 1))
+    x0, y0 = torch.floor(ix), torch.floor(iy)
+    wx1, wy1 = ix - x0, iy - y0
+    wx0, wy0 = 1.0 - wx1, 1.0 - wy1
+    flat = input.reshape(N, C, H * W)
+    out = input.new_zeros(N, C, Ho * Wo)
+    for dy, wy in ((0, wy0), (1, wy1)):
+        for dx, wx in ((0, wx0), (1, wx1)):
+            xi, yi = x0 + dx, y0 + dy
+            valid = (xi >= 0) & (xi <= W - 1) & (yi >= 0) & (yi <= H - 1)  # zeros outside the map
+            idx = (yi.clamp(0, H - 1) * W + xi.clamp(0, W - 1)).to(torch.int64).reshape(N, 1, Ho * Wo)
+            w = (wx * wy * valid.to(input.dtype)).reshape(N, 1, Ho * Wo)
+            out = out + torch.gather(flat, 2, idx.expand(N, C, Ho * Wo)) * w
+    return out.reshape(N, C, Ho, Wo)
+
+
+def bilinear_sample(input: Tensor, grid: Tensor, sampler: str = "grid_sample") -> Tensor:
+    """Bilinear sampling, zeros outside, ``align_corners=True``; ``sampler`` picks ``grid_sample`` or the
+    gather-only equivalent :func:`grid_sample_gather` (same values and gradients)."""
+    if sampler == "gather":
+        return grid_sample_gather(input, grid)
+    return F.grid_sample(input, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+
+
+def sample_keys(x: Tensor, pos: Tensor, groups: int, sampler: str = "grid_sample") -> Tensor:
     """Bilinearly sample every group's channels at that group's positions (zeros outside the map).
 
     Args:
@@ -172,12 +213,8 @@ def sample_keys(x: Tensor, pos: Tensor, groups: int) -> Tensor:
     """
     B, C, H, W = x.shape
     Hk, Wk = pos.shape[1:3]
-    sampled = F.grid_sample(
-        x.reshape(B * groups, C // groups, H, W),
-        pos.flip(-1),  # grid_sample wants (x, y)
-        mode="bilinear",
-        padding_mode="zeros",
-        align_corners=True,
+    sampled = bilinear_sample(
+        x.reshape(B * groups, C // groups, H, W), pos.flip(-1), sampler  # grid_sample wants (x, y)
     )  # BG, Cg, Hk, Wk
     return sampled.reshape(B, C, Hk * Wk)
 
@@ -193,7 +230,7 @@ def pool_keys(x: Tensor, Hk: int, Wk: int) -> Tensor:
     return F.adaptive_avg_pool2d(x, (Hk, Wk)).reshape(B, C, Hk * Wk)
 
 
-def table_bias(table: Tensor, q_grid: Tensor, pos: Tensor, groups: int) -> Tensor:
+def table_bias(table: Tensor, q_grid: Tensor, pos: Tensor, groups: int, sampler: str = "grid_sample") -> Tensor:
     """Deformable relative position bias, the official way: ``grid_sample`` of the table at the displacement.
 
     The table covers displacements in ``[-2, 2]`` (normalised units) with ``2 * q_h - 1`` cells; the displacement
@@ -213,12 +250,10 @@ def table_bias(table: Tensor, q_grid: Tensor, pos: Tensor, groups: int) -> Tenso
     Nq = q_grid.shape[0] * q_grid.shape[1]
     Ns = pos.shape[1] * pos.shape[2]
     displacement = (q_grid.reshape(1, Nq, 1, 2) - pos.reshape(BG, 1, Ns, 2)).mul(0.5)  # BG, Nq, Ns, 2
-    bias = F.grid_sample(
+    bias = bilinear_sample(
         table.reshape(1, groups, nH // groups, Th, Tw).expand(B, -1, -1, -1, -1).reshape(BG, nH // groups, Th, Tw),
         displacement.flip(-1),
-        mode="bilinear",
-        padding_mode="zeros",
-        align_corners=True,
+        sampler,
     )  # BG, hg, Nq, Ns
     return bias.reshape(B, nH, Nq, Ns)
 

@@ -4,8 +4,8 @@
 * ``"fast"``: fused scaled-dot-product attention over query chunks, with the table bias gathered directly from the
   table (no displacement tensor, no ``grid_sample`` over the table) and memory bounded by the chunk size.
 
-``backend=None`` picks ``"fast"``; it supports every configuration, so the choice only changes when a backend is
-named explicitly. ``DEFORMATTN_BACKEND`` (environment variable) overrides the automatic choice, e.g. to run a whole
+``backend=None`` picks ``"fast"`` (it supports every configuration), except with ``sampler="gather"``, which asks
+for plain, exportable operations and so runs ``"reference"``. ``DEFORMATTN_BACKEND`` (environment variable) overrides the automatic choice, e.g. to run a whole
 model on the reference path.
 """
 from __future__ import annotations
@@ -27,6 +27,8 @@ BACKENDS: dict[str, BackendFn] = {"reference": reference.forward, "fast": fast.f
 
 def select_backend(m: "DeformableAttention2d", x: Tensor) -> BackendFn:
     """The backend the module asked for, else ``$DEFORMATTN_BACKEND``, else ``"fast"``."""
+    if m.sampler == "gather" and m.backend is None:
+        return BACKENDS["reference"]  # the exportable path: plain ops only
     name = m.backend or os.environ.get("DEFORMATTN_BACKEND") or "fast"
     if name not in BACKENDS:
         raise ValueError(f"DeformableAttention2d: unknown backend {name!r} (expected one of {tuple(BACKENDS)})")

@@ -18,7 +18,7 @@ def position_bias(m: "DeformableAttention2d", H: int, W: int, pos: Tensor) -> Te
     kind = m.pos_bias
     if kind == "table":
         q_grid = DF.query_grid(H, W, version=m.version, device=pos.device, dtype=pos.dtype)
-        return DF.table_bias(m.rpe_table, q_grid, pos, m.offset_groups)
+        return DF.table_bias(m.rpe_table, q_grid, pos, m.offset_groups, m.sampler)
     if kind == "log_cpb":
         q_grid = DF.query_grid(H, W, version=m.version, device=pos.device, dtype=pos.dtype)
         return DF.log_cpb_bias(m.rpe_table, q_grid, pos, m.offset_groups)
