@@ -3,9 +3,10 @@
 What it changes (and why):
 
 * **Attention** runs through fused scaled-dot-product attention (``F.scaled_dot_product_attention``), one block of
-  query rows at a time. Under autograd a custom function keeps only ``q, k, v``, the output and the per-query
-  log-sum-exp, and recomputes each block's bias and softmax in the backward pass (flash-attention style), so
-  neither the ``(B, nH, H*W, Ns)`` bias nor the attention matrix is ever held whole.
+  query rows at a time, so inference never holds the ``(B, nH, H*W, Ns)`` bias or attention matrix whole. Under
+  autograd, small problems (``<= _SAVE_ELEMS`` attention entries) let autograd keep the matrix (nothing to
+  recompute); larger ones go through a custom function that keeps only ``q, k, v``, the output and the per-query
+  log-sum-exp, and recomputes each block's bias and softmax in the backward pass (flash-attention style).
 * **The table bias** is gathered from the table directly instead of ``grid_sample``-ing it at a materialised
   ``(B*G, H*W, Ns, 2)`` displacement. Query ``i`` looks the table up at row ``u = S*i + c(n)``: ``S`` is the
   query step in table cells (``(q_h - 1) / (H - 1)``, exactly 1 when the input has the size the table was built
@@ -13,8 +14,9 @@ What it changes (and why):
   so each key's bias over a block of rows is one contiguous window of the (zero-padded) table blended with four
   scalars: one strided gather and three ``lerp``s. Its backward is written out (the window adjoint plus one
   accumulating scatter into the table, and a per-key reduction for the positions) instead of ``grid_sample``'s
-  atomic scatter over every query-key pair. Other steps (v1 tables, resized inputs) use a separable
-  row-then-column gather whose autograd backward is equally cheap.
+  atomic scatter over every query-key pair. Other steps (v1 tables, resized inputs), and small problems under
+  autograd (where ``grid_sample``'s single fused backward kernel beats the window adjoint's several passes), sample
+  the table with ``grid_sample`` at a displacement grid written once, in ``(x, y)`` order.
 """
 from __future__ import annotations
 
@@ -341,7 +343,9 @@ def attend(
             mask = bias_fn(r0, r1, bias_inputs) if bias_fn is not None else None
             if mask is not None:
                 mask = mask.to(q.dtype)
-            out[:, :, r0 * W : r1 * W] = _sdpa_lse(q[:, :, r0 * W : r1 * W], k, v, mask, scale)[0]
+            out[:, :, r0 * W : r1 * W] = F.scaled_dot_product_attention(
+                q[:, :, r0 * W : r1 * W], k, v, attn_mask=mask, scale=scale
+            )
         return out
     if B * nH * Nq * Ns <= _SAVE_ELEMS:
         # small problem: plain autograd over one block (fused softmax backward, nothing recomputed)
@@ -369,9 +373,8 @@ def forward(m: "DeformableAttention2d", x: Tensor) -> tuple[Tensor, Tensor, Tens
     v = _proj(m.proj_v, xs).reshape(B, Ns, nH, hc).transpose(1, 2).contiguous()  # B, nH, Ns, hc
     qh = q.reshape(B, nH, hc, H * W).transpose(-1, -2).contiguous()  # B, nH, H*W, hc
     # grid_sample's fused backward beats the window gather's when autograd keeps the whole (small) matrix
-    small = B * nH * H * W * Ns <= _SAVE_ELEMS
-    window = not (torch.is_grad_enabled() and small and (x.requires_grad or m.rpe_table is not None
-                                                        and getattr(m.rpe_table, "requires_grad", False)))
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in m.parameters()))
+    window = not (needs_grad and B * nH * H * W * Ns <= _SAVE_ELEMS)
     bias_fn, bias_inputs = _make_bias_fn(m, H, W, pos, window=window)
     out = attend(
         qh, k, v, bias_fn, bias_inputs, H=H, W=W, scale=m.scale, attn_drop=m.attn_drop, training=m.training
