@@ -1,0 +1,137 @@
+"""Parameters and FLOPs of every released DAT / DAT++ variant, next to the papers' figures.
+
+    python benchmarks/flops_table.py                       # all released variants (~1 min on 2 cores)
+    python benchmarks/flops_table.py --models dat_nano --json /tmp/f.json
+
+For each variant at 224x224 (and at 384x384 for the ``*_384`` variants) it counts parameters and multiply-adds with
+:func:`deformattn.viz.model_cost` (``torch.utils.flop_counter.FlopCounterMode``, MACs = FLOPs / 2; it counts matrix
+products, convolutions and SDPA, not ``grid_sample``, softmax, norms or activations - see
+:mod:`deformattn.viz.flops`), the deformable layers' and their offset networks' share, and puts the published
+params / GMACs beside them (``default_cfgs``: the DAT paper and the DAT++ README) and, where the official-code
+manifests are found (``$DEFORMATTN_FIXTURES`` or ``../shared/fixtures/official_dat``), the official code's exact
+parameter count.
+
+Output: a markdown table on stdout and JSON at ``--json`` (default ``benchmarks/results/flops_table.json``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+
+RELEASED = ["dat_tiny", "dat_small", "dat_base", "dat_base_384", "dat_pp_tiny", "dat_pp_small", "dat_pp_base",
+            "dat_pp_base_384"]
+PAPER_NAMES = {"dat_tiny": "DAT-T", "dat_small": "DAT-S", "dat_base": "DAT-B", "dat_base_384": "DAT-B 384",
+               "dat_pp_tiny": "DAT-T++", "dat_pp_small": "DAT-S++", "dat_pp_base": "DAT-B++",
+               "dat_pp_base_384": "DAT-B++ 384"}
+
+
+# DAT-B++ 384 is built at 224 like DAT-B++ (the official config): same parameters. DAT-B 384 (window 12, tables for
+# 384) has no manifest.
+_MANIFEST = {"dat_pp_base_384": "dat_pp_base"}
+
+
+def official_params(name: str) -> int | None:
+    """Exact parameter count of the official code, from its manifest; None when there is none."""
+    root = Path(os.environ.get("DEFORMATTN_FIXTURES", REPO.parent / "shared" / "fixtures" / "official_dat"))
+    path = root / f"manifest_{_MANIFEST.get(name, name)}.json"
+    if not path.is_file():
+        return None
+    try:
+        return int(json.loads(path.read_text())["num_params"])
+    except (KeyError, ValueError, TypeError):
+        return None
+
+
+def measure(name: str) -> dict[str, Any]:
+    from deformattn.models import create_model, default_cfgs
+    from deformattn.viz import model_cost
+
+    cfg = default_cfgs.get(name, {})
+    size = int(cfg.get("input_size", (3, 224, 224))[-1])
+    t0 = time.perf_counter()
+    model = create_model(name)
+    report = model_cost(model, size, name=name)
+    d_flops = sum(r["flops"] for r in report.deformable)
+    off_flops = sum(r["offset_flops"] for r in report.deformable)
+    d_params = sum(r["params"] for r in report.deformable)
+    off_params = sum(r["offset_params"] for r in report.deformable)
+    return {
+        "model": name,
+        "paper_name": PAPER_NAMES.get(name, name),
+        "img_size": size,
+        "params": report.params,
+        "macs": report.macs,
+        "flops": report.flops,
+        "paper_params_m": cfg.get("params_m"),
+        "paper_gmacs": cfg.get("gmacs"),
+        "official_params": official_params(name) if name in RELEASED else None,
+        "deformable_layers": len(report.deformable),
+        "deformable_params": d_params,
+        "deformable_macs": d_flops // 2,
+        "offset_params": off_params,
+        "offset_macs": off_flops // 2,
+        "seconds": time.perf_counter() - t0,
+        "report": report.as_dict(),
+    }
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    def opt(v: Any, fmt: str) -> str:
+        return "-" if v is None else format(v, fmt)
+
+    lines = [
+        "| model | input | params (M) | paper params (M) | official code params | GMACs | paper GMACs | ratio | "
+        "deformable layers: GMACs (share) | offset nets: MMACs (share) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        g = r["macs"] / 1e9
+        ratio = f"{g / r['paper_gmacs']:.3f}" if r["paper_gmacs"] else "-"
+        off = "-" if r["official_params"] is None else (
+            f"{r['official_params'] / 1e6:.3f}" + (" (=)" if r["official_params"] == r["params"] else " (differs)"))
+        lines.append(
+            f"| {r['paper_name']} (`{r['model']}`) | {r['img_size']}² | {r['params'] / 1e6:.3f} | "
+            f"{opt(r['paper_params_m'], '.0f')} | {off} | {g:.3f} | {opt(r['paper_gmacs'], '.1f')} | {ratio} | "
+            f"{r['deformable_macs'] / 1e9:.3f} ({r['deformable_macs'] / r['macs']:.1%}) | "
+            f"{r['offset_macs'] / 1e6:.2f} ({r['offset_macs'] / r['macs']:.2%}) |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", nargs="+", default=RELEASED, help="variants (default: every released one)")
+    p.add_argument("--json", default=str(HERE / "results" / "flops_table.json"), help="where to write the JSON")
+    args = p.parse_args(argv)
+    import torch
+
+    torch.manual_seed(0)
+    rows = []
+    for name in args.models:
+        row = measure(name)
+        rows.append(row)
+        print(f"{name}: {row['params'] / 1e6:.3f} M params, {row['macs'] / 1e9:.3f} GMACs at {row['img_size']}² "
+              f"({row['seconds']:.1f} s)", file=sys.stderr, flush=True)
+    print(markdown(rows))
+    print()
+    print("GMACs = FlopCounterMode FLOPs / 2 (matrix products, convolutions, SDPA; grid_sample, softmax, norms and "
+          "activations are not counted). Paper figures: DAT paper (v1) and DAT++ README.")
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(out.suffix + ".tmp")
+    tmp.write_text(json.dumps({"torch": torch.__version__, "rows": rows}, indent=1) + "\n")
+    tmp.replace(out)
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

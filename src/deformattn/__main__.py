@@ -1,0 +1,7 @@
+"""``python -m deformattn`` is the ``deformattn`` command (also what ``torchrun -m deformattn train`` runs)."""
+from __future__ import annotations
+
+from .cli import main
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,41 @@
+"""Export to ONNX and TorchScript, verified by running the exported file.
+
+:func:`export_model` writes the file atomically, loads it back (onnxruntime's CPU execution provider for ONNX,
+``torch.jit.load`` for TorchScript), runs it on random batches and compares the result with the PyTorch model,
+raising :class:`ExportVerificationError` above the tolerance::
+
+    >>> from deformattn.models import create_model
+    >>> from deformattn.export import export_model
+    >>> model = create_model("dat_nano")
+    >>> result = export_model(model, "onnx", img_size=32, dynamic=True, output="dat_nano.onnx")
+    >>> result.max_abs_diff < 1e-4
+    True
+
+``sampler="gather"`` (the default of :func:`export_model`) switches every
+:class:`~deformattn.DeformableAttention2d` to the gather-only bilinear sampler for the export (see
+:func:`set_sampler`), so the ONNX graph has no ``GridSample`` node; the model is restored afterwards.
+
+``torch.compile(model, fullgraph=True)`` needs nothing from this package: the models compile without graph
+breaks for inference (see the README's Export section).
+"""
+from __future__ import annotations
+
+from .core import (
+    FORMATS,
+    ExportError,
+    ExportResult,
+    ExportVerificationError,
+    export_model,
+    onnx_op_counts,
+    set_sampler,
+)
+
+__all__ = [
+    "FORMATS",
+    "ExportError",
+    "ExportResult",
+    "ExportVerificationError",
+    "export_model",
+    "onnx_op_counts",
+    "set_sampler",
+]

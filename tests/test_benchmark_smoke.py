@@ -1,0 +1,106 @@
+"""Smoke test of benchmarks/attention.py: the whole harness (worker processes, memory probe, JSON) on a tiny case."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "benchmarks" / "attention.py"
+# output of 2*32*24*24 floats (144 KiB) is above glibc's mmap threshold: the call always takes fresh pages
+TINY = "tiny=2,32,24,24,2,1,2,3,-1"
+HAS_LUCIDRAINS = importlib.util.find_spec("deformable_attention") is not None
+
+
+def _load_bench():
+    spec = importlib.util.spec_from_file_location("bench_attention", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_quick_run_writes_expected_rows(tmp_path):
+    out = tmp_path / "attention.json"
+    impls = "fast,reference,lucidrains" if HAS_LUCIDRAINS else "fast,reference"
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--case", TINY, "--impls", impls, "--threads", "1",
+         "--json", str(out)],
+        capture_output=True, text=True, timeout=180, cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert not list(tmp_path.glob("*.tmp")), "atomic write left a temporary file"
+
+    expected = impls.split(",")
+    assert report["impls"] == expected
+    assert [(r["case"], r["impl"]) for r in report["rows"]] == [("tiny", i) for i in expected]
+    for row in report["rows"]:
+        for mode in ("fwd", "fwdbwd"):
+            assert "error" not in row[mode], row[mode]
+            assert row[f"{mode}_ms"] > 0 and math.isfinite(row[f"{mode}_ms"])
+            assert row[f"{mode}_peak_mib"] > 0, row[mode]
+            assert row[mode]["repeats"] >= 1
+            assert row[mode]["Hk"] * row[mode]["Wk"] == report["cases"]["tiny"]["Ns"]
+    ref = next(r for r in report["rows"] if r["impl"] == "reference")
+    assert ref["speedup_fwd"] == pytest.approx(1.0)
+
+    machine = report["machine"]
+    assert machine["matmul_gflops"] > 0 and machine["copy_gbps"] > 0
+    assert report["settings"]["threads"] == 1 and report["settings"]["quick"]
+    assert report["cases"]["tiny"]["Ns"] == 144  # 24x24 at stride 2 -> 12x12 keys
+    assert report["cases"]["tiny"]["fwd_gflop"] > 0
+    assert "| tiny | fast |" in report["table_markdown"] and "| tiny | fast |" in proc.stdout
+    assert {t["passed"] for t in report["targets"]} <= {True, False, None}
+
+
+def test_case_parsing_and_lucidrains_mapping():
+    bench = _load_bench()
+    case = bench.parse_case("x=8,64,56,56,2,1,8,9,-1")
+    assert case == bench.CASES["pp_stage1"].__class__("x", 8, 64, 56, 56, 2, 1, 8, 9, -1.0, "pp")
+    assert bench.parse_case("y=8,384,14,14,12,3,1,3,2,v1").version == "v1"
+    for bad in ("noequals", "z=1,2,3", "z=1,2,3,4,5,6,7,8,x", "z=1,2,3,4,5,6,7,8,1,v2"):
+        with pytest.raises(Exception, match="--case"):
+            bench.parse_case(bad)
+
+    # lucidrains needs (kernel - stride) even: 9 at stride 8 -> 10, 5 at stride 2 -> 6, with DAT's key grid
+    kw = bench.lucidrains_kwargs(bench.CASES["pp_stage1"])
+    assert kw["offset_kernel_size"] == 10 and kw["downsample_factor"] == 8 and kw["dim_head"] == 32
+    assert bench.lucidrains_kwargs(bench.CASES["pp_stage3"])["offset_kernel_size"] == 6
+    v1 = bench.lucidrains_kwargs(bench.CASES["v1_stage3"])
+    assert v1["offset_kernel_size"] == 3 and v1["offset_scale"] == 1.0 and v1["offset_groups"] == 3
+    assert not v1["group_queries"] and not v1["group_key_values"]
+    if HAS_LUCIDRAINS:
+        for case in bench.CASES.values():
+            _, grid_l = bench.build("lucidrains", case)
+            sys.path.insert(0, str(REPO / "src"))
+            _, grid_d = bench.build("fast", case)
+            assert grid_l == grid_d, case.name
+
+
+_PROBE = """
+import json, sys, torch
+sys.path.insert(0, sys.argv[1])
+from _common import PeakRSS
+torch.ones(8).sum()  # lazy initialisation outside the probe
+with PeakRSS() as mem:
+    t = torch.empty(64 * 2**20 // 4).fill_(1.0)  # 64 MiB, touched, freed before the probe ends
+    del t
+print(json.dumps(mem.as_dict()))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_peak_rss_probe_sees_a_known_transient_allocation():
+    # a fresh process, as the benchmark measures: threads and heaps left by other tests would blur the peak
+    proc = subprocess.run([sys.executable, "-c", _PROBE, str(REPO / "benchmarks")], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    mem = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert mem["memory_method"]  # which probe was used (VmHWM wherever /proc/self/clear_refs can be written)
+    assert 60 <= mem["peak_mib"] <= 72, mem
