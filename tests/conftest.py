@@ -43,3 +43,13 @@ def _seed_and_dtype():
     default = torch.get_default_dtype()
     yield
     torch.set_default_dtype(default)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``slow`` run only with ``DEFORMATTN_SLOW=1`` (declared in pyproject's markers)."""
+    if os.environ.get("DEFORMATTN_SLOW", "") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow test: set DEFORMATTN_SLOW=1 to run it")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

@@ -161,9 +161,10 @@ def _make_table_bias_fn(
     _, Th, Tw = table.shape
     BG, Hk, Wk, _ = pos.shape
     B, Ns = BG // G, Hk * Wk
-    qg = DF.query_grid(H, W, version=m.version, device=pos.device, dtype=pos.dtype)  # H, W, 2
+    # in the table's dtype: under autocast the positions come out of the offset convs in half precision
+    qg = DF.query_grid(H, W, version=m.version, device=pos.device, dtype=table.dtype)  # H, W, 2
     qy, qx = qg[:, 0, 0], qg[0, :, 1]
-    p = pos.reshape(B, G, Ns, 2)
+    p = pos.reshape(B, G, Ns, 2).to(table.dtype)
     table4 = table.reshape(G, hg, Th, Tw)
     S, Sxi = _table_step(Th, H, m.version), _table_step(Tw, W, m.version)
 
@@ -213,7 +214,8 @@ def _make_bias_fn(
 
         def cpb_fn(r0: int, r1: int, tensors: Sequence[Tensor]) -> Tensor:
             p_, w1, b1, w2 = tensors
-            coords = DF.log_cpb_coords(qg[r0:r1], p_)  # BG, Nc, Ns, 2
+            # the MLP's dtype: the custom backward recomputes this outside autocast (half positions, float32 MLP)
+            coords = DF.log_cpb_coords(qg[r0:r1], p_).to(w1.dtype)  # BG, Nc, Ns, 2
             bias = F.linear(F.relu(F.linear(coords, w1, b1)), w2)  # BG, Nc, Ns, hg
             B, hg = BG // G, bias.shape[-1]
             return bias.permute(0, 3, 1, 2).reshape(B, G * hg, bias.shape[1], Ns)

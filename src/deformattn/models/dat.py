@@ -419,6 +419,38 @@ class DAT(nn.Module):
         self.cls_norm: nn.Module = LayerNormProxy(dims[-1])
         self.cls_head: nn.Module = nn.Linear(dims[-1], num_classes) if num_classes > 0 else nn.Identity()
 
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
+        """``nn.Module.load_state_dict``, all or nothing: keys and shapes are checked *before* anything is copied.
+
+        torch copies every tensor that fits and raises only at the end, so a truncated checkpoint or one of another
+        variant would leave the model half overwritten. Here it raises torch's ``RuntimeError`` (listing the
+        missing, unexpected and shape-mismatched keys; missing / unexpected ones only with ``strict``) and the model
+        is unchanged. Official checkpoints (``module.`` prefixes, other resolutions) go through
+        :func:`load_checkpoint`.
+        """
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"Expected state_dict to be dict-like, got {type(state_dict).__name__}.")
+        own_keys = set(self.state_dict())
+        report = check_state_dict(self, state_dict)
+        # derived buffers are never copied (WindowAttention keeps its computed ones), so their shape cannot clash
+        report["mismatched"] = [m for m in report["mismatched"] if m[0].rsplit(".", 1)[-1] not in _DERIVED_BUFFERS]
+        not_tensors = [k for k in report["unexpected"] if k in own_keys]  # a model key holding no tensor
+        report["unexpected"] = [k for k in report["unexpected"] if k not in own_keys]
+        if not strict:
+            report["missing"], report["unexpected"] = [], []
+        if report["missing"] or report["unexpected"] or report["mismatched"] or not_tensors:
+            hint = ""
+            if any(clean_key(k) != k for k in state_dict):
+                hint = " (keys carry a 'module.' / '_orig_mod.' prefix: deformattn.models.load_checkpoint strips it)"
+            problems = [_describe(report)] if _describe(report) else []
+            if not_tensors:
+                problems.append(f"{len(not_tensors)} key(s) not holding a tensor: {', '.join(not_tensors[:8])}")
+            raise RuntimeError(
+                f"Error(s) in loading state_dict for {type(self).__name__}: nothing was loaded{hint}. "
+                + "; ".join(problems)
+            )
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
     # -- timm API ---------------------------------------------------------------------------------------------
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
