@@ -29,6 +29,16 @@ def test_list_models():
         create_model("dat_pp_tiy")
 
 
+def test_top_level_entry_points():
+    import deformattn
+
+    assert deformattn.list_models() == list_models()
+    model = deformattn.create_model("dat_nano", num_classes=3)
+    assert isinstance(model, DAT) and model.num_classes == 3
+    with pytest.raises(AttributeError, match="no_such_name"):
+        deformattn.no_such_name  # noqa: B018
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # small variants: the full generic suite
 # ---------------------------------------------------------------------------------------------------------------
