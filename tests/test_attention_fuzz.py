@@ -1,11 +1,14 @@
 """Property-based fuzzing of DeformableAttention2d over its configuration space and input shapes.
 
 Each draw either runs - right shape, finite values, fast path equal to the reference (forward and input gradient)
-- or raises the documented ValueError/TypeError naming the argument. ``DEFORMATTN_FUZZ_EXAMPLES`` raises the
-number of examples (default keeps CI fast).
+- or raises the documented ValueError/TypeError naming the argument. Further draws run every mode of the fast path
+(inference blocks, the kept attention matrix, the recomputing backward) against the reference in float64, and both
+paths under bfloat16 / float16 CPU autocast. ``DEFORMATTN_FUZZ_EXAMPLES`` raises the number of examples (default
+150, half of it for autocast: a few seconds on one thread, within the CI budget).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 
@@ -14,6 +17,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import deformattn.backends.fast as fast_backend
 from deformattn import DeformableAttention2d
 
 EXAMPLES = int(os.environ.get("DEFORMATTN_FUZZ_EXAMPLES", "150"))
@@ -23,6 +27,15 @@ NAMED = re.compile(
     r"(dim|num_heads|offset_groups|stride|offset_kernel_size|offset_padding|q_size|kv_size|pos_bias|version|"
     r"sampler|x|fixed)"
 )
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny problems: one thread is several times faster than a team that spins on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @st.composite
@@ -116,3 +129,127 @@ def test_constant_input(backend):
     y = m(x)
     y.sum().backward()
     assert torch.isfinite(y).all() and torch.isfinite(x.grad).all()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the fast path's other modes: inference blocks (window table gather, SDPA) and the recomputing custom backward
+# ---------------------------------------------------------------------------------------------------------------
+# (block elements, save elements): autograd keeps the matrix / one recomputed block / many blocks / one row each
+FAST_MODES = [(1 << 19, 1 << 23), (1 << 22, 0), (64, 0), (1, 0)]
+
+
+@contextlib.contextmanager
+def _fast_mode(block: int, save: int):
+    """Run the fast path with these block / keep-the-matrix thresholds (hypothesis forbids function fixtures)."""
+    old = fast_backend._BLOCK_ELEMS, fast_backend._SAVE_ELEMS
+    fast_backend._BLOCK_ELEMS, fast_backend._SAVE_ELEMS = block, save
+    try:
+        yield
+    finally:
+        fast_backend._BLOCK_ELEMS, fast_backend._SAVE_ELEMS = old
+
+
+def _randomise(m, seed):
+    torch.manual_seed(seed)
+    with torch.no_grad():  # large enough that offsets, biases and LayerNorm all matter
+        for p in m.parameters():
+            p.copy_(torch.randn_like(p) * 0.5)
+
+
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(configs(), st.sampled_from(FAST_MODES), st.booleans())
+def test_fast_modes_equal_reference(cfg, mode, grad):
+    """Every fast-path mode (and inference without autograd) equals the reference in float64, with gradients."""
+    kwargs, (B, H, W, _) = cfg
+    try:
+        m = DeformableAttention2d(**kwargs).double()
+    except (ValueError, TypeError):
+        return  # the first fuzz test checks the messages
+    _randomise(m, 0)
+    x = torch.randn(B, m.dim, H, W, dtype=torch.float64) * 2 + 0.5
+    g = torch.randn_like(x)
+
+    def run(backend):
+        m.backend = backend
+        m.zero_grad(set_to_none=True)
+        xx = x.clone().requires_grad_(grad)
+        with torch.set_grad_enabled(grad):
+            y, pos, _ = m(xx, return_sampling=True)
+        if not grad:
+            return y, pos, None, {}
+        (y * g).sum().backward()
+        return y.detach(), pos.detach(), xx.grad, {n: p.grad for n, p in m.named_parameters() if p.grad is not None}
+
+    try:
+        y_ref, pos_ref, gx_ref, gp_ref = run("reference")
+    except ValueError as exc:
+        assert kwargs["pos_bias"] == "fixed", str(exc)
+        return
+    block, save = mode
+    with _fast_mode(block, save):
+        y, pos, gx, gp = run("fast")
+    tol = dict(rtol=1e-8, atol=1e-8)
+    torch.testing.assert_close(y, y_ref, **tol)
+    torch.testing.assert_close(pos, pos_ref, **tol)
+    if grad:
+        torch.testing.assert_close(gx, gx_ref, **tol)
+        assert set(gp) == set(gp_ref)  # the same parameters get gradients (batch 0 too)
+        scale = max([1.0] + [t.abs().max().item() for t in gp_ref.values() if t.numel()])
+        for name, t in gp_ref.items():
+            torch.testing.assert_close(gp[name], t, rtol=1e-7, atol=1e-7 * scale, msg=lambda s, n=name: f"{n}: {s}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# low precision: bfloat16 / float16 under autocast (where the device supports it)
+# ---------------------------------------------------------------------------------------------------------------
+def _autocast_supported(device: str, dtype: torch.dtype) -> bool:
+    try:
+        with torch.autocast(device, dtype=dtype):
+            out = torch.nn.functional.linear(torch.ones(2, 2, device=device), torch.ones(2, 2, device=device))
+        return out.dtype == dtype
+    except (RuntimeError, ValueError):
+        return False
+
+
+AUTOCAST_DTYPES = [d for d in (torch.bfloat16, torch.float16) if _autocast_supported("cpu", d)]
+# error relative to max(1, |y|) against float32: bfloat16 keeps 8 mantissa bits, float16 11
+AUTOCAST_TOL = {torch.bfloat16: 0.1, torch.float16: 0.025}
+
+
+@pytest.mark.skipif(not AUTOCAST_DTYPES, reason="no low-precision autocast on this CPU build")
+@settings(max_examples=max(EXAMPLES // 2, 10), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(configs(), st.sampled_from(AUTOCAST_DTYPES or [torch.bfloat16]), st.sampled_from(FAST_MODES[:3]))
+def test_autocast_low_precision(cfg, dtype, mode):
+    """Under CPU autocast both paths run (no dtype clash between float32 tables / MLPs and half positions), give
+    finite outputs and gradients, agree with each other and stay close to the float32 result."""
+    kwargs, (B, H, W, _) = cfg
+    try:
+        m = DeformableAttention2d(**kwargs)
+    except (ValueError, TypeError):
+        return
+    torch.manual_seed(0)
+    x = torch.randn(B, m.dim, H, W) * 2 + 0.5
+    try:
+        m.backend = "reference"
+        y32 = m(x).detach()
+    except ValueError as exc:
+        assert kwargs["pos_bias"] == "fixed", str(exc)
+        return
+    outs = {}
+    with _fast_mode(*mode):
+        for backend in ("reference", "fast"):
+            m.backend = backend
+            xx = x.clone().requires_grad_(True)
+            with torch.autocast("cpu", dtype=dtype):
+                y = m(xx)
+            assert y.shape == x.shape
+            y.float().square().sum().backward()
+            assert torch.isfinite(y).all() and torch.isfinite(xx.grad).all()
+            outs[backend] = y.detach().float()
+            with torch.no_grad(), torch.autocast("cpu", dtype=dtype):  # the inference path too
+                y_inf = m(x)
+            assert torch.isfinite(y_inf).all()
+    scale = max(1.0, y32.abs().max().item()) if y32.numel() else 1.0
+    tol = AUTOCAST_TOL[dtype] * scale
+    torch.testing.assert_close(outs["fast"], outs["reference"], rtol=0, atol=tol)
+    torch.testing.assert_close(outs["fast"], y32, rtol=0, atol=tol)

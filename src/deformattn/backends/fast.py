@@ -322,7 +322,10 @@ def attend(
     B, nH, Nq, hc = q.shape
     Ns = k.shape[-2]
     if Nq == 0 or B == 0:
-        return q.new_zeros(q.shape) + 0 * q  # keeps the graph for batch 0
+        # batch 0: empty output, still connected to k, v and the bias inputs so that every parameter gets a (zero)
+        # gradient, as on the reference path
+        keep = sum((t.sum() * 0 for t in (k, v, *bias_inputs)), q.sum() * 0)
+        return q.new_zeros(q.shape) + keep
     blocks = _row_blocks(B, nH, H, W, Ns)
     drop = attn_drop if training else 0.0
     if drop > 0.0:

@@ -199,7 +199,8 @@ class WindowAttention(nn.Module):
         attn = (q * self.scale) @ k.transpose(-2, -1)  # B*nW, nH, N, N
         attn = attn + self.relative_position_bias().unsqueeze(0)
         if mask is not None:
-            attn = (attn.reshape(B, -1, nH, N, N) + mask.reshape(1, -1, 1, N, N)).reshape(B * nW, nH, N, N)
+            # explicit nW (not -1): B may be 0
+            attn = (attn.reshape(B, nW, nH, N, N) + mask.reshape(1, nW, 1, N, N)).reshape(B * nW, nH, N, N)
         attn = F.dropout(attn.softmax(dim=-1), p=self.attn_drop, training=self.training)
         out = (attn @ v).transpose(1, 2).reshape(B * nW, N, C)  # B*nW, N, C
         out = F.dropout(self.proj_out(out), p=self.proj_drop, training=self.training)

@@ -442,7 +442,8 @@ class DAT(nn.Module):
             hint = ""
             if any(clean_key(k) != k for k in state_dict):
                 hint = " (keys carry a 'module.' / '_orig_mod.' prefix: deformattn.models.load_checkpoint strips it)"
-            problems = [_describe(report)] if _describe(report) else []
+            described = _describe(report)
+            problems = [described] if described else []
             if not_tensors:
                 problems.append(f"{len(not_tensors)} key(s) not holding a tensor: {', '.join(not_tensors[:8])}")
             raise RuntimeError(
