@@ -16,6 +16,7 @@ Output: a markdown table on stdout and JSON at ``--json`` (default ``benchmarks/
 from __future__ import annotations
 
 import argparse
+import datetime as _dt
 import json
 import os
 import sys
@@ -36,6 +37,9 @@ PAPER_NAMES = {"dat_tiny": "DAT-T", "dat_small": "DAT-S", "dat_base": "DAT-B", "
 # DAT-B++ 384 is built at 224 like DAT-B++ (the official config): same parameters. DAT-B 384 (window 12, tables for
 # 384) has no manifest.
 _MANIFEST = {"dat_pp_base_384": "dat_pp_base"}
+
+# Published figures only a secondary source gives (PAPER_FACTS.md: "unverified"); marked with a dagger in the table.
+UNVERIFIED = {"dat_base_384": ("gmacs",), "dat_pp_base_384": ("params_m",)}
 
 
 def official_params(name: str) -> int | None:
@@ -72,6 +76,7 @@ def measure(name: str) -> dict[str, Any]:
         "flops": report.flops,
         "paper_params_m": cfg.get("params_m"),
         "paper_gmacs": cfg.get("gmacs"),
+        "paper_unverified": list(UNVERIFIED.get(name, ())),
         "official_params": official_params(name) if name in RELEASED else None,
         "deformable_layers": len(report.deformable),
         "deformable_params": d_params,
@@ -84,8 +89,8 @@ def measure(name: str) -> dict[str, Any]:
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-    def opt(v: Any, fmt: str) -> str:
-        return "-" if v is None else format(v, fmt)
+    def opt(v: Any, fmt: str, dagger: bool = False) -> str:
+        return "-" if v is None else format(v, fmt) + ("†" if dagger else "")
 
     lines = [
         "| model | input | params (M) | paper params (M) | official code params | GMACs | paper GMACs | ratio | "
@@ -97,13 +102,26 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         ratio = f"{g / r['paper_gmacs']:.3f}" if r["paper_gmacs"] else "-"
         off = "-" if r["official_params"] is None else (
             f"{r['official_params'] / 1e6:.3f}" + (" (=)" if r["official_params"] == r["params"] else " (differs)"))
+        unverified = r.get("paper_unverified", [])
         lines.append(
             f"| {r['paper_name']} (`{r['model']}`) | {r['img_size']}² | {r['params'] / 1e6:.3f} | "
-            f"{opt(r['paper_params_m'], '.0f')} | {off} | {g:.3f} | {opt(r['paper_gmacs'], '.1f')} | {ratio} | "
+            f"{opt(r['paper_params_m'], '.0f', 'params_m' in unverified)} | {off} | {g:.3f} | "
+            f"{opt(r['paper_gmacs'], '.1f', 'gmacs' in unverified)} | {ratio} | "
             f"{r['deformable_macs'] / 1e9:.3f} ({r['deformable_macs'] / r['macs']:.1%}) | "
             f"{r['offset_macs'] / 1e6:.2f} ({r['offset_macs'] / r['macs']:.2%}) |"
         )
     return "\n".join(lines)
+
+
+NOTES = (
+    "Convention: GMACs = `torch.utils.flop_counter.FlopCounterMode` FLOPs / 2 (FlopCounterMode counts 2 FLOPs per "
+    "multiply-add; the papers quote multiply-adds). Counted: matrix products, convolutions, SDPA; not counted: "
+    "grid_sample, softmax, norms, activations, element-wise adds. One image, eval mode. Paper figures: DAT paper "
+    "(v1) and DAT++ README; † = only a secondary source gives the figure (unverified). `official code params`: "
+    "exact count of the official code (its manifests), \"(=)\" when identical to ours. The 384² models: DAT-B 384 "
+    "(window 12, tables for 384) counted at 384²; DAT-B++ 384 is built at 224 like the official config (same "
+    "parameters as DAT-B++) and counted at 384²."
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -120,16 +138,22 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         print(f"{name}: {row['params'] / 1e6:.3f} M params, {row['macs'] / 1e9:.3f} GMACs at {row['img_size']}² "
               f"({row['seconds']:.1f} s)", file=sys.stderr, flush=True)
-    print(markdown(rows))
+    sys.path.insert(0, str(HERE))
+    from _common import atomic_write_json, machine_info
+
+    info = machine_info()
+    created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    header = (f"FLOPs / parameters of the released variants (benchmarks/flops_table.py), {created}, torch "
+              f"{info['torch']}, {info['cpu']}")
+    table = markdown(rows)
+    print(header)
     print()
-    print("GMACs = FlopCounterMode FLOPs / 2 (matrix products, convolutions, SDPA; grid_sample, softmax, norms and "
-          "activations are not counted). Paper figures: DAT paper (v1) and DAT++ README.")
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    tmp.write_text(json.dumps({"torch": torch.__version__, "rows": rows}, indent=1) + "\n")
-    tmp.replace(out)
-    print(f"wrote {out}", file=sys.stderr)
+    print(table)
+    print()
+    print(NOTES)
+    atomic_write_json(args.json, {"created": created, "machine": info, "torch": torch.__version__,
+                                  "convention": NOTES, "rows": rows, "table_markdown": table})
+    print(f"wrote {args.json}", file=sys.stderr)
     return 0
 
 

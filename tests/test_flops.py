@@ -51,6 +51,20 @@ def test_cpu_flash_attention_kernel_is_counted():
     assert fc.get_total_flops() == 2 * (2 * 2 * 10 * 6 * 8)  # q k^T and attn v, 2 FLOPs per multiply-add
 
 
+@pytest.mark.parametrize("groups,needs_input_grad", [(1, True), (16, True), (16, False), (4, True)])
+def test_conv_backward_counts_twice_the_forward_whatever_the_groups(groups, needs_input_grad):
+    # torch's own formula counts a grouped conv's weight gradient as dense (16x too much for this depthwise conv)
+    conv = torch.nn.Conv2d(16, 16, 3, padding=1, groups=groups)
+    x = torch.randn(2, 16, 9, 7, requires_grad=needs_input_grad)
+    with flop_counter() as fwd:
+        y = conv(x)
+    with flop_counter() as bwd:
+        y.sum().backward()
+    forward = 2 * 2 * 16 * 9 * 7 * (16 // groups) * 9  # 2 FLOPs x B x C_out x H x W x C_in/groups x k^2
+    assert fwd.get_total_flops() == forward
+    assert bwd.get_total_flops() == (2 if needs_input_grad else 1) * forward
+
+
 def test_model_cost_report_adds_up():
     model = create_model("dat_nano")
     report = model_cost(model, 32)

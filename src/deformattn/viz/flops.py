@@ -6,7 +6,9 @@ FLOPs are counted with :class:`torch.utils.flop_counter.FlopCounterMode`, which 
 multiply-add** for the operators it knows: matrix products (``mm``, ``addmm``, ``bmm``, ``baddbmm`` - ``einsum``,
 ``matmul`` and ``linear`` lower to them), convolutions, and fused scaled-dot-product attention (we add the CPU
 flash kernel ``_scaled_dot_product_flash_attention_for_cpu``, which torch's table lacks, with torch's own SDPA
-formula). It does **not** count bilinear sampling (``grid_sample`` of the keys and of the bias table), gathers,
+formula; and a convolution's backward pass is counted as twice its forward, since torch's formula ignores
+``groups`` in the weight gradient and overcounts depthwise convolutions by their channel count). It does **not**
+count bilinear sampling (``grid_sample`` of the keys and of the bias table), gathers,
 softmax, normalisation, activations, pooling or element-wise additions (the bias of ``addmm`` included). The papers
 quote multiply-adds (the "FLOPs" of DAT, DAT++, Swin, PVT are GMACs, from fvcore-style counters that count the
 same matrix products and convolutions), so tables here show ``MACs = FLOPs / 2``.
@@ -23,7 +25,7 @@ from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
-from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+from torch.utils.flop_counter import FlopCounterMode, conv_flop_count, sdpa_flop_count
 
 from ..attention import DeformableAttention2d
 
@@ -42,8 +44,20 @@ def _sdpa_cpu_flop(query_shape, key_shape, value_shape, *args, out_shape=None, *
     return sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
+def _conv_backward_flop(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation, transposed,
+                        _output_padding, _groups, output_mask, out_shape=None, **kwargs) -> int:
+    """Backward of a convolution: the input gradient and the weight gradient each cost what the forward does.
+
+    torch's own formula counts the weight gradient as a dense ``C_out x C_in`` convolution whatever ``groups`` is,
+    i.e. ``C`` times too much for a depthwise convolution (ConvFFN, LPU, the offset network); here the weight
+    shape ``(C_out, C_in / groups, k, k)`` carries the grouping, as in the forward count.
+    """
+    fwd = conv_flop_count(list(x_shape), list(w_shape), list(grad_out_shape), transposed=bool(transposed))
+    return fwd * (int(bool(output_mask[0])) + int(bool(output_mask[1])))
+
+
 def _custom_mapping() -> dict[Any, Any]:
-    mapping: dict[Any, Any] = {}
+    mapping: dict[Any, Any] = {torch.ops.aten.convolution_backward: _conv_backward_flop}
     op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
     if op is not None:
         mapping[op] = _sdpa_cpu_flop
