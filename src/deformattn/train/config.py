@@ -36,7 +36,7 @@ class TrainConfig:
         "default: scikit-learn's 8x8 handwritten digits, upscaled to --img-size", metavar="PATH")
     output_dir: str = _opt("runs/train", "where checkpoints, metrics, plots and summary.json go", metavar="DIR")
     img_size: int | None = _opt(None, "model input size (default: the variant's, 32 for dat_nano)", metavar="N")
-    epochs: int = _opt(20, "number of epochs")
+    epochs: int = _opt(15, "number of epochs")
     batch_size: int = _opt(64, "images per step and process")
     lr: float = _opt(2e-3, "peak learning rate (AdamW), reached after the warmup")
     min_lr: float = _opt(1e-5, "learning rate at the end of the cosine decay")
