@@ -334,7 +334,7 @@ def _info(args: argparse.Namespace, explicit: set[str]) -> int:
 # ------------------------------------------------------------------------------------------------------------------
 # commands defined in other modules: each offers ``register_commands(register_command)``
 # ------------------------------------------------------------------------------------------------------------------
-EXTENSION_MODULES = ("deformattn.viz.cli",)  # viz, flops, complexity
+EXTENSION_MODULES = ("deformattn.viz.cli", "deformattn.export.cli")  # viz, flops, complexity; export
 
 
 def _load_extensions() -> None:

@@ -11,7 +11,8 @@ The data path, top-down:
      deprecated, and it records every size computed in Python as a constant without saying so) translates it at
      ``opset`` (default 18, at least 16). With ``dynamic=True`` the batch is dynamic, and the height and width too
      when ``torch.export`` can prove the model's code works for every size (it raises rather than silently fixing a
-     size); otherwise they stay at ``img_size`` and :attr:`ExportResult.spatial_note` says why.
+     size); otherwise they stay at ``img_size`` and :attr:`ExportResult.spatial_note` says why. ``dynamic="batch"``
+     asks for a dynamic batch only.
    * **TorchScript** - ``torch.jit.trace`` (see :func:`_torchscript_bytes` for why tracing, not scripting).
 
 3. The temporary file is loaded back (onnxruntime, CPU execution provider / ``torch.jit.load``) and run on fresh
@@ -162,7 +163,7 @@ def export_model(
     model: nn.Module,
     fmt: str = "onnx",
     img_size: int | tuple[int, int] | None = None,
-    dynamic: bool = False,
+    dynamic: bool | str = False,
     output: str | os.PathLike | None = None,
     *,
     batch_size: int = 2,
@@ -182,8 +183,9 @@ def export_model(
         fmt: ``"onnx"`` or ``"torchscript"``.
         img_size: input ``H, W`` (int or pair); default: the model's ``pretrained_cfg["input_size"]``.
         dynamic: ONNX: dynamic batch, and height / width where the model's code allows (see
-            :attr:`ExportResult.dynamic_spatial` and ``spatial_note``). TorchScript: the trace is checked at other
-            batch sizes too (its height and width are always those of the trace).
+            :attr:`ExportResult.dynamic_spatial` and ``spatial_note``); ``"batch"``: a dynamic batch only (one
+            ``torch.export`` instead of up to three: faster when the size is known). TorchScript: the trace is
+            checked at other batch sizes too (its height and width are always those of the trace).
         output: file to write (parent folders are created).
         batch_size: batch of the example input (>= 2, so that the exporter does not take batch 1 as a constant).
         in_chans: input channels; default ``model.in_chans`` (DAT) or ``model.dim`` (DeformableAttention2d).
@@ -207,8 +209,8 @@ def export_model(
         raise ValueError(f"{_OWNER}: fmt must be one of {FORMATS}, got {fmt!r}")
     if output is None:
         raise ValueError(f"{_OWNER}: output (the file to write) is required")
-    if not isinstance(dynamic, bool):
-        raise TypeError(f"{_OWNER}: dynamic must be a bool, got {type(dynamic).__name__}")
+    if not isinstance(dynamic, bool) and dynamic != "batch":
+        raise TypeError(f"{_OWNER}: dynamic must be True, False or 'batch', got {dynamic!r}")
     if sampler is not None and sampler not in SAMPLERS:
         raise ValueError(f"{_OWNER}: sampler must be None or one of {SAMPLERS}, got {sampler!r}")
     batch_size = check_int(batch_size, "batch_size", _OWNER, minimum=2)
@@ -308,6 +310,10 @@ def _atomic_file(path: Path) -> Iterator[Path]:
     tmp = Path(name)
     try:
         yield tmp
+        # mkstemp creates the file 0600; give it the permissions of a file opened normally (0666 & ~umask)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -348,7 +354,7 @@ def _spatial_step(model: nn.Module) -> int:
     return int(getattr(model, "stride", 1))
 
 
-def _export_program(model: nn.Module, x: Tensor, dynamic: bool) -> tuple[Any, dict[str, Any]]:
+def _export_program(model: nn.Module, x: Tensor, dynamic: bool | str) -> tuple[Any, dict[str, Any]]:
     """``torch.export`` program of ``model`` at ``x`` and what is dynamic.
 
     ``dynamic=True`` first asks for a dynamic batch, height and width. ``torch.export`` raises when the model's
@@ -370,7 +376,9 @@ def _export_program(model: nn.Module, x: Tensor, dynamic: bool) -> tuple[Any, di
     batch = Dim("batch", min=1)
     low = max(2, _spatial_step(model))
     reason = ""
-    if min(H, W) >= low:
+    if dynamic == "batch":
+        reason = "dynamic='batch'"
+    elif min(H, W) >= low:
         shapes: tuple[dict[int, Any]] = ({0: batch, 2: Dim("height", min=low), 3: Dim("width", min=low)},)
         try:
             try:
@@ -380,10 +388,15 @@ def _export_program(model: nn.Module, x: Tensor, dynamic: bool) -> tuple[Any, di
                 refined = refine_dynamic_shapes_from_suggested_fixes(exc.msg, shapes)
                 if isinstance(refined[0].get(0), int):
                     raise ExportError(f"{_OWNER}: the batch size cannot be dynamic: {_first_line(exc)}") from exc
-                if isinstance(refined[0].get(2), int) or isinstance(refined[0].get(3), int):
+                fixed_hw = isinstance(refined[0].get(2), int) or isinstance(refined[0].get(3), int)
+                if fixed_hw:
                     reason = f"torch.export found code that fixes the size ({_suggested_fixes(exc.msg)})"
+                    # a dynamic batch only: export that directly (once), as the fallback below would
+                    refined = ({0: refined[0].get(0, batch)},)
                 ep = export(model, (x,), dynamic_shapes=refined, strict=False,
                             prefer_deferred_runtime_asserts_over_guards=True)
+                if fixed_hw:
+                    return ep, dict(dynamic_batch=True, dynamic_spatial=False, spatial_note=f"fixed: {reason}")
         except ExportError:
             raise
         except Exception as exc:  # noqa: BLE001 - any failure of the spatial attempt falls back to a fixed size
@@ -455,12 +468,14 @@ def _probe_program(ep: Any, model: nn.Module, x: Tensor) -> str | None:
 
 
 def _onnx_bytes(
-    model: nn.Module, x: Tensor, dynamic: bool, opset: int, verbose: bool, sampler: str | None
+    model: nn.Module, x: Tensor, dynamic: bool | str, opset: int, verbose: bool, sampler: str | None
 ) -> tuple[bytes, dict[str, Any]]:
     with _quiet(verbose), warnings.catch_warnings():
         if not verbose:
             # side effects on size-keyed caches (window-attention masks) while tracing: harmless, the file is checked
             warnings.filterwarnings("ignore", message=".*side effects happened", category=UserWarning)
+            # ... which torch.export undoes afterwards (and says so)
+            warnings.filterwarnings("ignore", message=".*was assigned during export", category=UserWarning)
         try:
             ep, info = _export_program(model, x, dynamic)
         except ExportError:
@@ -473,6 +488,7 @@ def _onnx_bytes(
         except Exception as exc:
             raise ExportError(f"{_OWNER}: torch.onnx.export failed: {_first_line(exc)}") from exc
     proto = program.model_proto
+    _name_input_dims(proto, {0: "batch", 2: "height", 3: "width"})
     counts = onnx_op_counts(proto)
     if sampler == "gather" and counts.get("GridSample"):
         raise ExportError(
@@ -492,6 +508,27 @@ def _onnx_bytes(
         raise ExportError(f"{_OWNER}: the ONNX model is over protobuf's 2 GB limit ({proto.ByteSize()} bytes)")
     info.update(method="torch.export + torch.onnx.export(dynamo=True)", opset=opset, op_counts=dict(counts))
     return proto.SerializeToString(), info
+
+
+def _name_input_dims(proto: Any, names: dict[int, str]) -> None:
+    """Rename the exporter's symbols of the input's dynamic dimensions (``s77``) to ``batch`` / ``height`` /
+    ``width``, everywhere they occur (graph inputs, outputs, value infos, also inside expressions like ``2*s77``)."""
+    import re
+
+    dims = proto.graph.input[0].type.tensor_type.shape.dim
+    mapping = {}
+    for axis, name in names.items():
+        if axis < len(dims) and dims[axis].dim_param and re.fullmatch(r"\w+", dims[axis].dim_param):
+            mapping[dims[axis].dim_param] = name
+    taken = {d.dim_param for vi in [*proto.graph.input, *proto.graph.output, *proto.graph.value_info]
+             for d in vi.type.tensor_type.shape.dim if d.dim_param}
+    if not mapping or any(name in taken for name in mapping.values()):
+        return
+    pattern = re.compile(r"\b(" + "|".join(re.escape(k) for k in mapping) + r")\b")
+    for vi in [*proto.graph.input, *proto.graph.output, *proto.graph.value_info]:
+        for d in vi.type.tensor_type.shape.dim:
+            if d.dim_param:
+                d.dim_param = pattern.sub(lambda m: mapping[m.group(1)], d.dim_param)
 
 
 def onnx_op_counts(model: Any) -> Counter:
@@ -550,8 +587,8 @@ def _torchscript_bytes(model: nn.Module, x: Tensor) -> bytes:
     return buffer.getvalue()
 
 
-def _torchscript_info(dynamic: bool) -> dict[str, Any]:
-    return dict(method="torch.jit.trace", opset=None, dynamic_batch=dynamic, dynamic_spatial=False,
+def _torchscript_info(dynamic: bool | str) -> dict[str, Any]:
+    return dict(method="torch.jit.trace", opset=None, dynamic_batch=bool(dynamic), dynamic_spatial=False,
                 spatial_note="fixed: a trace records the traced height and width", op_counts={})
 
 
@@ -581,7 +618,8 @@ def _flatten(out: Any) -> list[Tensor]:
     raise TypeError(f"{_OWNER}: the model returned a {type(out).__name__}; expected tensors")
 
 
-def _check_shapes(model: nn.Module, shape: torch.Size, dynamic: bool, dynamic_spatial: bool) -> list[tuple]:
+def _check_shapes(model: nn.Module, shape: torch.Size, dynamic: bool | str, dynamic_spatial: bool
+                  ) -> list[tuple]:
     """Input shapes the exported file is run at: the export shape; with ``dynamic`` batches 1 and B + 1; with a
     dynamic height and width a non-square larger size."""
     B, C, H, W = shape
