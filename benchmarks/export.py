@@ -26,6 +26,10 @@ shared machine hits them alike; each round is one ``_common.time_fn`` (garbage c
 ``--repeats / --rounds`` calls, the first after ``--warmup`` calls; the table reports the median of the round
 medians and their range.
 
+Threads: on a machine shared with other jobs, ``--threads`` = all cores oversubscribes them and PyTorch's OpenMP
+regions wait for preempted threads (dat_pp_tiny eager at batch 1 measured 3-7 s with 2 threads, 0.7 s with 1, on
+the same 2-core machine); ``--threads 1`` gives stable numbers there.
+
 Output: a markdown table on stdout and JSON at ``--json`` (default ``benchmarks/results/export.json``, written
 atomically).
 """
@@ -229,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
         ort_version = None
     info = {**machine_info(), "threads": args.threads, "onnxruntime": ort_version}
     table = format_table(result["rows"])
-    title = (f"{args.model} at {args.img_size}x{args.img_size}, inference on the CPU ({args.threads} threads), "
+    threads = f"{args.threads} thread" + ("s" if args.threads != 1 else "")
+    title = (f"{args.model} at {args.img_size}x{args.img_size}, inference on the CPU ({threads}), "
              f"{created[:10]}; {info['cpu']}, {info['cores']} cores; torch {torch.__version__}, onnxruntime "
              f"{info['onnxruntime']}")
     report = {
