@@ -1,5 +1,5 @@
 """The ``deformattn`` command: ``train``, ``eval``, ``predict``, ``info``, and the commands of the modules listed in
-``EXTENSION_MODULES`` (``viz``, ``flops``, ``complexity``).
+``EXTENSION_MODULES`` (``viz``, ``flops``, ``complexity``, ``export``).
 
 A subcommand is a function registered with :func:`register_command`, which receives the parsed options::
 
