@@ -31,12 +31,8 @@ PATHS = ["reference", *(f"fast-{m}" for m in MODES)]
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny problems: one thread is several times faster than a team that spins on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread_module):
+    """Tiny problems: one thread (see conftest.one_thread_module)."""
 
 
 @pytest.fixture
