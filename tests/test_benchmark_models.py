@@ -39,7 +39,7 @@ def test_quick_run_writes_a_complete_report(tmp_path):
         assert "error" not in res, res
         assert res["params"] > 0
         if mode == "infer":
-            assert res["deformable_layers"] == 2  # dat_v1_nano: stage_spec LS, LS, LD, D
+            assert res["two_path_layers"] == 2  # dat_v1_nano: stage_spec LS, LS, LD, D (two D layers, no N)
         flops = res["flops_per_image"]
         assert flops["fast"] == flops["reference"] > 0  # both paths do the same counted work
         for path in ("fast", "reference"):

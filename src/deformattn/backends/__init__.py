@@ -5,8 +5,12 @@
   table (no displacement tensor, no ``grid_sample`` over the table) and memory bounded by the chunk size.
 
 ``backend=None`` picks ``"fast"`` (it supports every configuration), except with ``sampler="gather"``, which asks
-for plain, exportable operations and so runs ``"reference"``. ``DEFORMATTN_BACKEND`` (environment variable) overrides the automatic choice, e.g. to run a whole
-model on the reference path.
+for plain, exportable operations and so runs ``"reference"``. ``DEFORMATTN_BACKEND`` (environment variable) overrides
+the automatic choice, e.g. to run a whole model on the reference path.
+
+The other token mixers of the backbones (:class:`~deformattn.layers.NeighborhoodAttention2d`,
+:class:`~deformattn.layers.WindowAttention`) follow the same rule through :func:`resolve_backend`: their own
+``backend`` attribute, else ``$DEFORMATTN_BACKEND``, else ``"fast"``.
 """
 from __future__ import annotations
 
@@ -23,6 +27,25 @@ if TYPE_CHECKING:  # pragma: no cover
 BackendFn = Callable[["DeformableAttention2d", Tensor], "tuple[Tensor, Tensor, Tensor]"]
 
 BACKENDS: dict[str, BackendFn] = {"reference": reference.forward, "fast": fast.forward}
+
+
+BACKEND_NAMES = ("fast", "reference")
+
+
+def resolve_backend(owner: str, requested: str | None) -> str:
+    """``requested``, else ``$DEFORMATTN_BACKEND``, else ``"fast"``; an unknown name is a ``ValueError``."""
+    name = requested or os.environ.get("DEFORMATTN_BACKEND") or "fast"
+    if name not in BACKEND_NAMES:
+        source = "backend" if requested else "$DEFORMATTN_BACKEND"
+        raise ValueError(f"{owner}: {source} must be one of {BACKEND_NAMES}, got {name!r}")
+    return name
+
+
+def check_backend_arg(owner: str, backend: str | None) -> str | None:
+    """Validate a constructor's ``backend`` argument (``None`` or one of :data:`BACKEND_NAMES`)."""
+    if backend is not None and backend not in BACKEND_NAMES:
+        raise ValueError(f"{owner}: backend must be None or one of {BACKEND_NAMES}, got {backend!r}")
+    return backend
 
 
 def select_backend(m: "DeformableAttention2d", x: Tensor) -> BackendFn:

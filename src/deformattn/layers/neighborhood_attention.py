@@ -11,8 +11,19 @@ and the bias is added after scaling. Maps smaller than ``k`` are zero-padded at 
 projection (so padded tokens carry the qkv bias and act as keys), as the official DAT++ module does, and the output
 is cropped back.
 
-The neighbourhoods are gathered with advanced indexing (``Tensor[B, nH, H, W, k, k, hd]``), which needs no custom
-kernel and no ``natten``.
+Two backends, chosen like :class:`~deformattn.DeformableAttention2d`'s (``backend`` argument, else
+``$DEFORMATTN_BACKEND``, else ``"fast"``); neither needs a custom kernel or ``natten``:
+
+* ``"reference"`` gathers every query's neighbourhood with advanced indexing (``Tensor[B, nH, H, W, k, k, hd]``,
+  ``k * k`` copies of every key and value) and reduces it with einsum: NATTEN's algorithm written out.
+* ``"fast"`` cuts the queries into ``T x T`` tiles. The neighbourhoods of a tile's queries all lie in one
+  ``R x R`` key region (``R = T + k - 1``: window starts move by at most one per query), so each tile is a small
+  dense attention of ``T*T`` queries over ``R*R`` keys, run as batched matrix products, with an additive bias
+  that holds the relative position bias where a key is in the query's neighbourhood and ``-inf`` elsewhere.
+  It does ``(R / k)^2`` times the reference's multiply-adds (``T = k = 7``: 3.4x) but copies keys and values
+  ``(R / T)^2`` times instead of ``k^2`` times, and matrix products beat the gathered einsum by far on CPU
+  (measured on 1 thread at DAT++-T's shapes: 3-5x forward, 6-9x forward+backward). Masked keys get exactly zero
+  weight, so both backends compute the same sums (they differ by rounding only).
 """
 from __future__ import annotations
 
@@ -22,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._utils import check_float, check_image_tensor, check_int
+from ..backends import check_backend_arg, resolve_backend
 
 __all__ = [
     "NeighborhoodAttention2d",
@@ -29,6 +41,8 @@ __all__ = [
     "na2d_logits",
     "na2d_av",
     "neighborhood_attention2d",
+    "neighborhood_tiles",
+    "neighborhood_attention_tiled",
 ]
 
 
@@ -87,6 +101,102 @@ def na2d_av(attn: Tensor, v: Tensor, kernel_size: int) -> Tensor:
     return torch.einsum("znhwij,znhwijd->znhwd", attn, _gather(v, rows, cols))
 
 
+def _tile_size(length: int, kernel_size: int) -> int:
+    """Queries per tile along an axis: one tile for short axes, else ``max(k, 7)`` (fastest measured, 1 thread)."""
+    if length <= 2 * max(kernel_size, 7):
+        return length
+    return max(kernel_size, 7)
+
+
+def neighborhood_tiles(length: int, kernel_size: int, tile: int | None = None, device=None):
+    """The fast backend's tiling of one axis of length ``L >= k``.
+
+    Tiles of ``T`` queries start at ``min(t * T, L - T)`` (the last one overlaps its neighbour instead of running
+    off the map); the keys of tile ``t`` are the ``R = min(T + k - 1, L)`` positions from
+    ``min(start(first query), L - R)``, which hold every neighbourhood of its queries.
+
+    Returns:
+        query (Tensor[nt, T]): query positions of every tile.
+        key (Tensor[nt, R]): key positions of every tile's region.
+        valid (Tensor[nt, T, R] bool): key ``r`` of the region is in query ``q``'s neighbourhood.
+        rel (Tensor[nt, T, R]): bias-table index ``key - query + k - 1`` (clamped into ``[0, 2k - 2]`` where
+            not valid, so it can always be gathered).
+        out (Tensor[L]): where query ``i``'s result is in the flattened ``nt * T`` tile outputs.
+    """
+    T = min(tile or _tile_size(length, kernel_size), length)
+    R = min(T + kernel_size - 1, length)
+    nt = -(-length // T)
+    first = (torch.arange(nt, device=device) * T).clamp(max=length - T)  # nt
+    start = (torch.arange(length, device=device) - kernel_size // 2).clamp(0, length - kernel_size)  # L
+    query = first[:, None] + torch.arange(T, device=device)  # nt, T
+    key = start[first].clamp(max=length - R)[:, None] + torch.arange(R, device=device)  # nt, R
+    lo = start[query][:, :, None]  # nt, T, 1
+    valid = (key[:, None, :] >= lo) & (key[:, None, :] < lo + kernel_size)  # nt, T, R
+    rel = (key[:, None, :] - query[:, :, None] + kernel_size - 1).clamp(0, 2 * kernel_size - 2)  # nt, T, R
+    i = torch.arange(length, device=device)
+    t = (i // T).clamp(max=nt - 1)
+    return query, key, valid, rel, t * T + (i - first[t])
+
+
+def _tiled_bias(rpb: Tensor | None, rows, cols, dtype) -> Tensor:
+    """Additive bias of every tile, ``Tensor[nH or 1, nt, T*T, R*R]``: the rpb entry where allowed, else -inf."""
+    _, _, valid_r, rel_r, _ = rows
+    _, _, valid_c, rel_c, _ = cols
+    ntr, Tr, Rr = valid_r.shape
+    ntc, Tc, Rc = valid_c.shape
+    allowed = valid_r[:, :, :, None, None, None] & valid_c[None, None, None]  # ntr, Tr, Rr, ntc, Tc, Rc
+    if rpb is None:
+        bias = torch.zeros((1,) + allowed.shape, device=allowed.device, dtype=dtype)
+    else:
+        bias = rpb.to(dtype)[:, rel_r[:, :, :, None, None, None], rel_c[None, None, None]]  # nH, ntr, Tr, Rr, ntc, Tc, Rc
+    bias = bias.masked_fill(~allowed, float("-inf"))
+    # nH, ntr, ntc, Tr, Tc, Rr, Rc -> nH, nt, T*T, R*R
+    return bias.permute(0, 1, 4, 2, 5, 3, 6).reshape(bias.shape[0], ntr * ntc, Tr * Tc, Rr * Rc)
+
+
+def _tiles(t: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+    """``Tensor[B, nH, H, W, hd]`` at tile positions ``rows[nr, a]``, ``cols[nc, b]`` -> ``Tensor[B, nH, nr*nc, a*b, hd]``."""
+    B, nH, hd = t.shape[0], t.shape[1], t.shape[-1]
+    g = t[:, :, rows[:, :, None, None], cols[None, None]]  # B, nH, nr, a, nc, b, hd
+    n = rows.shape[1] * cols.shape[1]  # explicit (not -1): B may be 0
+    return g.permute(0, 1, 2, 4, 3, 5, 6).reshape(B, nH, rows.shape[0] * cols.shape[0], n, hd)
+
+
+def neighborhood_attention_tiled(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    rpb: Tensor | None,
+    kernel_size: int,
+    *,
+    attn_drop: float = 0.0,
+    training: bool = False,
+    tile: int | None = None,
+) -> Tensor:
+    """The fast backend: tiles of queries against their key regions (see the module docstring).
+
+    Args:
+        q, k, v (Tensor[B, nH, H, W, hd]): ``q`` already scaled; ``H, W >= kernel_size``.
+        tile: queries per tile along each axis (None: automatic).
+
+    Returns:
+        Tensor[B, nH, H, W, hd]
+    """
+    B, nH, H, W, hd = q.shape
+    rows = neighborhood_tiles(H, kernel_size, tile, q.device)
+    cols = neighborhood_tiles(W, kernel_size, tile, q.device)
+    qt = _tiles(q, rows[0], cols[0])  # B, nH, nt, T*T, hd
+    kt = _tiles(k, rows[1], cols[1])  # B, nH, nt, R*R, hd
+    vt = _tiles(v, rows[1], cols[1])  # B, nH, nt, R*R, hd
+    attn = qt @ kt.transpose(-2, -1) + _tiled_bias(rpb, rows, cols, q.dtype)  # B, nH, nt, T*T, R*R
+    attn = F.dropout(attn.softmax(dim=-1), p=attn_drop, training=training)
+    out = attn @ vt  # B, nH, nt, T*T, hd
+    ntr, Tr = rows[0].shape
+    ntc, Tc = cols[0].shape
+    out = out.reshape(B, nH, ntr, ntc, Tr, Tc, hd).transpose(3, 4).reshape(B, nH, ntr * Tr, ntc * Tc, hd)
+    return out[:, :, rows[4]][:, :, :, cols[4]]  # B, nH, H, W, hd
+
+
 def neighborhood_attention2d(
     q: Tensor,
     k: Tensor,
@@ -96,12 +206,19 @@ def neighborhood_attention2d(
     *,
     attn_drop: float = 0.0,
     training: bool = False,
+    backend: str | None = None,
 ) -> Tensor:
     """``softmax(q k^T + rpb) v`` over neighbourhoods; ``q`` already scaled, all ``Tensor[B, nH, H, W, hd]``.
+
+    Args:
+        backend: ``"fast"`` (tiled matrix products), ``"reference"`` (gathered neighbourhoods) or None
+            (``$DEFORMATTN_BACKEND``, else ``"fast"``).
 
     Returns:
         Tensor[B, nH, H, W, hd]
     """
+    if resolve_backend("neighborhood_attention2d", backend) == "fast":
+        return neighborhood_attention_tiled(q, k, v, rpb, kernel_size, attn_drop=attn_drop, training=training)
     attn = na2d_logits(q, k, rpb, kernel_size).softmax(dim=-1)
     attn = F.dropout(attn, p=attn_drop, training=training)
     return na2d_av(attn, v, kernel_size)
@@ -116,6 +233,8 @@ class NeighborhoodAttention2d(nn.Module):
         num_heads: ``nH``.
         attn_drop, proj_drop: dropout on the attention weights and on the output (training mode only).
         dilation: only 1 (what DAT++ uses) is supported.
+        backend: ``"fast"``, ``"reference"`` or None (``$DEFORMATTN_BACKEND``, else ``"fast"``); see the module
+            docstring. An attribute: set ``module.backend`` to switch.
 
     Parameters keep the official names: ``qkv``, ``rpb``, ``proj``.
 
@@ -130,6 +249,7 @@ class NeighborhoodAttention2d(nn.Module):
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
         dilation: int | None = None,
+        backend: str | None = None,
     ):
         super().__init__()
         owner = "NeighborhoodAttention2d"
@@ -142,6 +262,7 @@ class NeighborhoodAttention2d(nn.Module):
             raise ValueError(f"{owner}: dim ({dim}) must be divisible by num_heads ({num_heads})")
         if dilation not in (None, 1):
             raise ValueError(f"{owner}: only dilation 1 (or None) is supported, got {dilation!r}")
+        self.backend = check_backend_arg(owner, backend)
         self.dim = dim
         self.kernel_size = kernel_size
         self.num_heads = num_heads
@@ -179,7 +300,8 @@ class NeighborhoodAttention2d(nn.Module):
         Hp, Wp = x.shape[1:3]
         q, k, v = self.qkv_heads(x)
         out = neighborhood_attention2d(
-            q, k, v, self.rpb, self.kernel_size, attn_drop=self.attn_drop, training=self.training
+            q, k, v, self.rpb, self.kernel_size, attn_drop=self.attn_drop, training=self.training,
+            backend=self.backend,
         )  # B, nH, Hp, Wp, hd
         out = out.permute(0, 2, 3, 1, 4).reshape(B, Hp, Wp, C)[:, :H, :W]  # B, H, W, C
         out = F.dropout(self.proj(out), p=self.proj_drop, training=self.training)

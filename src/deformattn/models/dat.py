@@ -105,7 +105,7 @@ def build_attention(
             attn_drop=attn_drop, proj_drop=proj_drop,
         )
     if kind == "N":
-        return NeighborhoodAttention2d(dim, nat_kernel_size, num_heads, attn_drop, proj_drop)
+        return NeighborhoodAttention2d(dim, nat_kernel_size, num_heads, attn_drop, proj_drop, backend=backend)
     if kind == "D":
         return DeformableAttention2d(
             dim,
@@ -273,7 +273,8 @@ class DAT(nn.Module):
         layer_scale_inits: LayerScale init per stage (None: off). mlp_ratio: feed-forward expansion.
         drop_rate: dropout after attention / MLP projections (official ``drop_rate``). attn_drop_rate: on attention
             weights. drop_path_rate: stochastic depth, linearly increasing over all blocks.
-        backend: deformable-attention backend (None: automatic).
+        backend: backend of the deformable and neighborhood attention layers (None: automatic, ``"fast"`` unless
+            ``$DEFORMATTN_BACKEND`` says otherwise; ``"reference"``: the plain reference algorithms).
 
     Example:
         >>> model = DAT(version="pp", img_size=32, num_classes=10, patch_size=2, conv_stem=False,
