@@ -19,8 +19,18 @@ Implementations:
 * ``lucidrains``: ``deformable_attention.DeformableAttention2D`` (``pip install deformable-attention``) at the
   closest configuration (see :func:`lucidrains_kwargs` and ``LUCIDRAINS_NOTE``); skipped when not installed.
 
-Output: a markdown table on stdout (machine limits, per-case FLOP floor, results, targets) and JSON at ``--json``
-(default ``benchmarks/results/attention.json``, written atomically).
+Where the time goes (deformattn's paths): after the timed repeats each worker runs one more call under
+``torch.profiler`` and sums the self CPU time of its ATen ops into categories (:data:`OP_CATEGORIES`): matrix
+products (``mm``/``bmm``/``addmm``/``baddbmm`` and the 1x1 convolutions, which are matrix products), the fused
+attention kernel (SDPA: matrix products *and* softmax), softmax, sampling (``grid_sample`` and its backward, gathers,
+scatters, lerps), the offset network's depthwise convolution / LayerNorm / GELU, and the rest (copies, element-wise
+arithmetic, bookkeeping). From it follows an **attainable bound** per case: the matmul floor plus the fast path's
+measured non-matmul time (everything but the matrix-product and fused-attention categories), i.e. the time the
+fast path would take if every matrix product ran at the machine's measured matmul rate and nothing else changed;
+``reference / bound`` is the largest speed-up available without faster non-matmul kernels.
+
+Output: a markdown table on stdout (machine limits, per-case FLOP floor, results, targets, time breakdown) and JSON
+at ``--json`` (default ``benchmarks/results/attention.json``, written atomically).
 """
 from __future__ import annotations
 
@@ -58,6 +68,41 @@ from _common import (  # noqa: E402
 IMPLS = ("fast", "reference", "lucidrains")
 MODES = ("fwd", "fwdbwd")
 MODE_LABEL = {"fwd": "forward", "fwdbwd": "forward+backward"}
+
+# ATen op (self time) -> category of the time breakdown; ops not listed count as "rest"
+OP_CATEGORIES = {
+    "matmul": ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "aten::addbmm", "aten::_slow_conv2d_forward",
+               "aten::_slow_conv2d_backward"),
+    "fused attention": ("aten::_scaled_dot_product_flash_attention_for_cpu",
+                        "aten::_scaled_dot_product_flash_attention_for_cpu_backward"),
+    "softmax": ("aten::_softmax", "aten::_softmax_backward_data", "aten::logsumexp", "aten::exp", "aten::exp_"),
+    "sampling": ("aten::grid_sampler_2d", "aten::grid_sampler_2d_backward", "aten::gather", "aten::scatter_add_",
+                 "aten::lerp", "aten::index", "aten::index_put_", "aten::_index_put_impl_", "aten::index_add_"),
+    "offset net": ("aten::mkldnn_convolution", "aten::convolution_backward", "aten::_conv_depthwise2d",
+                   "aten::native_layer_norm", "aten::native_layer_norm_backward", "aten::gelu",
+                   "aten::gelu_backward", "aten::tanh", "aten::tanh_backward"),
+}
+CATEGORIES = tuple(OP_CATEGORIES) + ("rest",)
+MATMUL_CATEGORIES = ("matmul", "fused attention")
+
+
+def op_breakdown(call, setup=None) -> dict[str, float]:
+    """Self CPU ms of one ``call()`` per category of :data:`OP_CATEGORIES` (plus ``"total"``)."""
+    import torch.profiler
+
+    if setup is not None:
+        setup()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        call()
+    lookup = {op: cat for cat, ops in OP_CATEGORIES.items() for op in ops}
+    out = {c: 0.0 for c in CATEGORIES}
+    for evt in prof.key_averages():
+        if evt.key.startswith("aten::") or evt.key in lookup:
+            out[lookup.get(evt.key, "rest")] += evt.self_cpu_time_total / 1e3
+        else:  # python-level ranges (autograd Function names, profiler annotations): their ops are counted inside
+            out["rest"] += evt.self_cpu_time_total / 1e3
+    out["total"] = sum(out[c] for c in CATEGORIES)
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -257,6 +302,8 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         min_repeats=spec["min_repeats"],
     )
     out = {**timing, **mem.as_dict(), "first_call_ms": first_call_ms, "Hk": Hk, "Wk": Wk}
+    if impl != "lucidrains" and spec.get("breakdown", True):
+        out["breakdown_ms"] = op_breakdown(call, setup)
     if impl == "lucidrains":
         from importlib.metadata import version
 
@@ -405,9 +452,65 @@ def render(report: dict[str, Any]) -> str:
               if "error" in r[mode]]
     if errors:
         lines += ["", "Errors:", ""] + [f"- {c} / {i} / {MODE_LABEL[mo]}: {e}" for c, i, mo, e in errors]
+    lines += render_breakdown(report)
     for note in report["notes"]:
         lines += ["", note]
     return "\n".join(lines)
+
+
+def attainable(report: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Per case and mode: the attainable bound (matmul floor + the fast path's non-matmul time) and reference / bound."""
+    gflops = report["machine"].get("matmul_gflops")
+    rows = {(r["case"], r["impl"]): r for r in report["rows"]}
+    out: dict[str, dict[str, float]] = {}
+    for name, c in report["cases"].items():
+        fast, ref = rows.get((name, "fast")), rows.get((name, "reference"))
+        if not gflops or fast is None or ref is None:
+            continue
+        for mode, mult in (("fwd", 1), ("fwdbwd", 3)):
+            bd = fast[mode].get("breakdown_ms")
+            if not bd or ref.get(f"{mode}_ms") is None:
+                continue
+            floor = mult * c["fwd_gflop"] / gflops * 1e3
+            non_matmul = bd["total"] - sum(bd[k] for k in MATMUL_CATEGORIES)
+            bound = floor + non_matmul
+            out.setdefault(name, {})[mode] = dict(floor_ms=floor, non_matmul_ms=non_matmul, bound_ms=bound,
+                                                  ref_over_bound=ref[f"{mode}_ms"] / bound)
+    return out
+
+
+def render_breakdown(report: dict[str, Any]) -> list[str]:
+    brow = []
+    for r in report["rows"]:
+        for mode in MODES:
+            bd = r[mode].get("breakdown_ms") if isinstance(r[mode], dict) else None
+            if not bd:
+                continue
+            brow.append([r["case"], r["impl"], MODE_LABEL[mode], _fmt(bd["total"])] +
+                        [f"{bd[c]:.1f} ({bd[c] / bd['total']:.0%})" if bd["total"] else "-" for c in CATEGORIES])
+    if not brow:
+        return []
+    lines = ["", "Where the time goes (self CPU ms of one profiled call per ATen op category; see OP_CATEGORIES in "
+             "the script):", "",
+             markdown_table(["case", "impl", "mode", "total"] + list(CATEGORIES), brow, "llll" + "r" * len(CATEGORIES)),
+             ""]
+    att = report.get("attainable") or {}
+    arow = []
+    for name, modes in att.items():
+        for mode, a in modes.items():
+            arow.append([name, MODE_LABEL[mode], _fmt(a["floor_ms"]), _fmt(a["non_matmul_ms"]), _fmt(a["bound_ms"]),
+                         _fmt(a["ref_over_bound"], 2)])
+    if arow:
+        lines += ["Attainable bound: the fast path with every matrix product at the measured matmul rate and its "
+                  "other (non-matmul) ops as measured; `ref / bound` is the largest speed-up over the reference "
+                  "without faster non-matmul kernels.", "",
+                  markdown_table(["case", "mode", "matmul floor ms", "fast non-matmul ms", "bound ms", "ref / bound"],
+                                 arow, "llrrrr"), ""]
+        for mode in MODES:
+            vals = [m[mode]["ref_over_bound"] for m in att.values() if mode in m]
+            if len(vals) == len(att) and vals:
+                lines.append(f"- geometric mean of ref / bound, {MODE_LABEL[mode]}: {geomean(vals):.2f}x")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -537,6 +640,7 @@ def main(argv: list[str] | None = None) -> int:
         "notes": notes,
         "elapsed_s": time.perf_counter() - t_start,
     }
+    report["attainable"] = attainable(report)
     report["table_markdown"] = render(report)
     print(report["table_markdown"])
     atomic_write_json(args.json, report)

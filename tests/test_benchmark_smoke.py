@@ -17,6 +17,10 @@ TINY = "tiny=2,32,24,24,2,1,2,3,-1"
 HAS_LUCIDRAINS = importlib.util.find_spec("deformable_attention") is not None
 
 
+def bench_categories():
+    return _load_bench().CATEGORIES
+
+
 def _load_bench():
     spec = importlib.util.spec_from_file_location("bench_attention", SCRIPT)
     mod = importlib.util.module_from_spec(spec)
@@ -47,8 +51,19 @@ def test_quick_run_writes_expected_rows(tmp_path):
             assert row[f"{mode}_peak_mib"] > 0, row[mode]
             assert row[mode]["repeats"] >= 1
             assert row[mode]["Hk"] * row[mode]["Wk"] == report["cases"]["tiny"]["Ns"]
+            if row["impl"] != "lucidrains":  # profiled op breakdown: categories add up to the total
+                bd = row[mode]["breakdown_ms"]
+                assert set(bd) == set(bench_categories()) | {"total"}
+                assert bd["total"] > 0 and bd["total"] == pytest.approx(sum(bd[c] for c in bench_categories()))
+                assert bd["matmul"] + bd["fused attention"] > 0 and bd["sampling"] > 0  # projections, grid_sample
     ref = next(r for r in report["rows"] if r["impl"] == "reference")
     assert ref["speedup_fwd"] == pytest.approx(1.0)
+    att = report["attainable"]["tiny"]
+    for mode in ("fwd", "fwdbwd"):
+        a = att[mode]
+        assert a["bound_ms"] == pytest.approx(a["floor_ms"] + a["non_matmul_ms"]) and a["bound_ms"] > 0
+        assert a["ref_over_bound"] == pytest.approx(ref[f"{mode}_ms"] / a["bound_ms"])
+    assert "Attainable bound" in report["table_markdown"]
 
     machine = report["machine"]
     assert machine["matmul_gflops"] > 0 and machine["copy_gbps"] > 0
