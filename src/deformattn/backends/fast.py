@@ -32,9 +32,11 @@ from .. import functional as DF
 if TYPE_CHECKING:  # pragma: no cover
     from ..attention import DeformableAttention2d
 
-# Elements of one bias/attention block (B * nH * rows * W * Ns): 512K floats = 2 MB in float32, which keeps a
-# block's intermediates in cache and bounds the backward pass's memory (measured: det_stage1 peak 185 MiB vs 1 GiB).
-_BLOCK_ELEMS = int(os.environ.get("DEFORMATTN_BLOCK_ELEMS", 1 << 19))
+# Elements of one bias/attention block (B * nH * rows * W * Ns): 1M floats = 4 MB in float32, which bounds the
+# memory of a block's intermediates (and of the backward pass). Measured forward, 1 thread, fewer/larger blocks:
+# 2^19 -> 2^20 elements: v1_stage3 135 -> 122 ms, pp_stage1 60 -> 58, det_stage1 686 -> 611; 2^21 is faster still
+# on the large maps (det 531) but slower on pp_stage1 (71 ms: the window gather's intermediates leave the cache).
+_BLOCK_ELEMS = int(os.environ.get("DEFORMATTN_BLOCK_ELEMS", 1 << 20))
 # Below this many attention elements autograd keeps the whole attention matrix (cheaper than recomputing it).
 _SAVE_ELEMS = int(os.environ.get("DEFORMATTN_SAVE_ELEMS", 1 << 23))
 
