@@ -219,11 +219,11 @@ def _median_kinds(per_call: list[dict[str, float]], totals_ms: list[float]) -> d
 
 def count_model_flops(torch, model, x, *, train: bool) -> int:
     """FlopCounterMode FLOPs of one forward (``train=False``, no grad) or forward + backward (``train=True``)."""
-    from deformattn.viz.flops import count_flops, flop_counter
+    from deformattn.viz.flops import count_flops, flop_counter, model_counting
 
     if not train:
         return count_flops(model, x)[""]
-    with flop_counter() as counter:
+    with model_counting(model), flop_counter() as counter:
         model(x).sum().backward()
     model.zero_grad(set_to_none=True)
     return int(counter.get_total_flops())
@@ -386,8 +386,8 @@ def derive(report: dict[str, Any]) -> None:
             res = r.get(mode) or {}
             if "error" in res or not res:
                 continue
-            # the model's own work (the reference count): the tiled neighborhood attention of the fast path does
-            # redundant multiply-adds over its key regions, which must not count as achieved throughput
+            # the model's own work: neighborhood attention is counted on its reference path (model_counting), not
+            # with the redundant multiply-adds of the fast path's tiles
             flops = res["flops_per_image"]["reference"]
             for path in PATHS:
                 p = res["paths"][path]
@@ -484,8 +484,8 @@ def render(report: dict[str, Any]) -> str:
         ["model", "mode", "GFLOP/img", "fast img/s", "reference img/s", "fast × ref", "fast GFLOP/s",
          "fast % of matmul", "ref % of matmul"], rows, "llrrrrrrr"), ""]
     lines += ["(`fast × ref`: median over rounds of reference time / fast time in the same round. GFLOP/img: "
-              "FlopCounterMode FLOPs of one image (the reference path's count: the model's own work; the fast "
-              "neighborhood attention's redundant multiply-adds over its tiles are not counted as throughput), "
+              "FlopCounterMode FLOPs of one image (the model's own work: neighborhood attention counted on its "
+              "reference path, not with the redundant multiply-adds of the fast path's tiles), "
               "forward for inference, forward + backward for training; `% of matmul`: achieved GFLOP/s over the "
               "measured matmul rate.)", ""]
 

@@ -164,3 +164,19 @@ def test_cli_complexity_quick(tmp_path, capsys):
     with Image.open(tmp_path / "complexity.png") as im:
         assert im.size == (1500, 460)
     assert "| map | tokens | kind |" in capsys.readouterr().out
+
+
+def test_neighborhood_attention_counted_as_its_own_work():
+    """k*k keys per query (the reference path's count), whichever backend the layer runs; backends restored."""
+    from deformattn.layers import NeighborhoodAttention2d
+
+    B, C, H, W, k, nH = 2, 16, 15, 12, 5, 2
+    x = torch.randn(B, C, H, W)
+    expected = 2 * (B * H * W * C * 3 * C + 2 * B * H * W * k * k * C + B * H * W * C * C)  # qkv, qk + av, proj
+    for backend in (None, "fast", "reference"):
+        m = NeighborhoodAttention2d(C, k, nH, backend=backend)
+        assert count_flops(m, x)[""] == expected
+        assert m.backend == backend
+    with flop_counter() as counter:  # the fast tiles do more (masked) multiply-adds: why the count pins reference
+        NeighborhoodAttention2d(C, k, nH, backend="fast")(x)
+    assert counter.get_total_flops() > expected

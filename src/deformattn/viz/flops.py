@@ -13,12 +13,17 @@ softmax, normalisation, activations, pooling or element-wise additions (the bias
 quote multiply-adds (the "FLOPs" of DAT, DAT++, Swin, PVT are GMACs, from fvcore-style counters that count the
 same matrix products and convolutions), so tables here show ``MACs = FLOPs / 2``.
 
+Neighborhood attention is counted on its reference path (each query times its ``k * k`` keys, what NATTEN and the
+papers count): the fast path's tiles multiply every query with its tile's whole ``(T + k - 1)^2`` key region and mask
+the rest, redundant work that is not the model's cost (:func:`model_counting`).
+
 For one deformable layer these counted terms are exactly the cost model of the DAT paper (Sec. 3.3), in MACs:
 ``HW*Ns*C`` twice (``q k`` and ``attn v``), ``HW*C^2`` twice (``proj_q``, ``proj_out``), ``Ns*C^2`` twice
 (``proj_k``, ``proj_v``) and ``(k^2 + 2) * Ns * C`` for the offset network - see :func:`dmha_macs`.
 """
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -32,6 +37,7 @@ from ..attention import DeformableAttention2d
 __all__ = [
     "flop_counter",
     "count_flops",
+    "model_counting",
     "dmha_macs",
     "CostReport",
     "model_cost",
@@ -70,6 +76,23 @@ def flop_counter() -> FlopCounterMode:
     return FlopCounterMode(display=False, custom_mapping=_custom_mapping())
 
 
+@contextlib.contextmanager
+def model_counting(model: nn.Module):
+    """Within the block, ``model``'s neighborhood-attention layers run their reference path, whose counted matrix
+    products are the layer's own work (see the module docstring); their backends are restored afterwards."""
+    from ..layers import NeighborhoodAttention2d
+
+    layers = [m for m in model.modules() if isinstance(m, NeighborhoodAttention2d)]
+    saved = [m.backend for m in layers]
+    try:
+        for m in layers:
+            m.backend = "reference"
+        yield model
+    finally:
+        for m, b in zip(layers, saved):
+            m.backend = b
+
+
 def count_flops(model: nn.Module, *inputs: Any) -> dict[str, int]:
     """FLOPs (2 per multiply-add) of ``model(*inputs)`` under ``torch.no_grad()``, per module.
 
@@ -77,7 +100,7 @@ def count_flops(model: nn.Module, *inputs: Any) -> dict[str, int]:
         ``{qualified module name: FLOPs}``: ``""`` is the whole call; a module's count includes its children's.
         Modules with no counted operator are absent.
     """
-    with torch.no_grad(), flop_counter() as counter:
+    with torch.no_grad(), model_counting(model), flop_counter() as counter:
         model(*inputs)
     root = type(model).__name__
     out: dict[str, int] = {}
