@@ -62,6 +62,8 @@ def test_quick_run_writes_expected_rows(tmp_path):
     for mode in ("fwd", "fwdbwd"):
         a = att[mode]
         assert a["bound_ms"] == pytest.approx(a["floor_ms"] + a["non_matmul_ms"]) and a["bound_ms"] > 0
+        fast = next(r for r in report["rows"] if r["impl"] == "fast")
+        assert 0 < a["non_matmul_ms"] < fast[f"{mode}_ms"]  # a share of the timed call
         assert a["ref_over_bound"] == pytest.approx(ref[f"{mode}_ms"] / a["bound_ms"])
     assert "Attainable bound" in report["table_markdown"]
 
