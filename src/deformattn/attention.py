@@ -13,7 +13,7 @@ from torch import Tensor
 
 from . import functional as DF
 from ._utils import check_float, check_image_tensor, check_int, to_2tuple
-from .backends import BACKENDS, select_backend
+from .backends import check_backend_arg, select_backend
 
 __all__ = ["DeformableAttention2d", "LayerNormProxy", "default_offset_kernel_size"]
 
@@ -136,8 +136,7 @@ class DeformableAttention2d(nn.Module):
         offset_range_factor = check_float(offset_range_factor, "offset_range_factor", _OWNER)
         attn_drop = check_float(attn_drop, "attn_drop", _OWNER, minimum=0.0, maximum=1.0)
         proj_drop = check_float(proj_drop, "proj_drop", _OWNER, minimum=0.0, maximum=1.0)
-        if backend is not None and backend not in BACKENDS:
-            raise ValueError(f"{_OWNER}: backend must be None or one of {tuple(BACKENDS)}, got {backend!r}")
+        check_backend_arg(_OWNER, backend)
         if sampler not in DF.SAMPLERS:
             raise ValueError(f"{_OWNER}: sampler must be one of {DF.SAMPLERS}, got {sampler!r}")
         if not isinstance(no_off, bool):

@@ -8,9 +8,9 @@
 for plain, exportable operations and so runs ``"reference"``. ``DEFORMATTN_BACKEND`` (environment variable) overrides
 the automatic choice, e.g. to run a whole model on the reference path.
 
-The other token mixers of the backbones (:class:`~deformattn.layers.NeighborhoodAttention2d`,
-:class:`~deformattn.layers.WindowAttention`) follow the same rule through :func:`resolve_backend`: their own
-``backend`` attribute, else ``$DEFORMATTN_BACKEND``, else ``"fast"``.
+:class:`~deformattn.layers.NeighborhoodAttention2d` (the backbones' other two-path token mixer) follows the same
+rule through :func:`resolve_backend`: its own ``backend`` attribute, else ``$DEFORMATTN_BACKEND``, else ``"fast"``.
+Window attention has one path (the official matmul + softmax).
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ BackendFn = Callable[["DeformableAttention2d", Tensor], "tuple[Tensor, Tensor, T
 BACKENDS: dict[str, BackendFn] = {"reference": reference.forward, "fast": fast.forward}
 
 
-BACKEND_NAMES = ("fast", "reference")
+BACKEND_NAMES = tuple(BACKENDS)
 
 
 def resolve_backend(owner: str, requested: str | None) -> str:
@@ -52,7 +52,4 @@ def select_backend(m: "DeformableAttention2d", x: Tensor) -> BackendFn:
     """The backend the module asked for, else ``$DEFORMATTN_BACKEND``, else ``"fast"``."""
     if m.sampler == "gather" and m.backend is None:
         return BACKENDS["reference"]  # the exportable path: plain ops only
-    name = m.backend or os.environ.get("DEFORMATTN_BACKEND") or "fast"
-    if name not in BACKENDS:
-        raise ValueError(f"DeformableAttention2d: unknown backend {name!r} (expected one of {tuple(BACKENDS)})")
-    return BACKENDS[name]
+    return BACKENDS[resolve_backend("DeformableAttention2d", m.backend)]
