@@ -295,6 +295,21 @@ def machine_info() -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------------------
 # Worker processes
 # ---------------------------------------------------------------------------------------------------------------
+def add_harness_args(p, *, results: str, quick_help: str, timeout_s: float) -> None:
+    """The options every worker-based benchmark script shares (threads, seed, quick, timeout, JSON path, target
+    check, and the hidden ``--worker`` of the child processes); ``results`` names ``results/<results>.json``."""
+    import argparse
+
+    p.add_argument("--threads", type=int, default=default_threads(), help="torch threads (default: all cores)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help=quick_help)
+    p.add_argument("--timeout", type=float, default=timeout_s, help="seconds before a worker is killed")
+    p.add_argument("--json", default=str(Path(__file__).resolve().parent / "results" / f"{results}.json"),
+                   help="where to write the results")
+    p.add_argument("--check-targets", action="store_true", help="exit status 2 when a measured target fails")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+
+
 def emit_result(obj: dict[str, Any]) -> None:
     """Worker side: print the result line the parent looks for."""
     sys.stdout.write(RESULT_MARKER + json.dumps(obj) + "\n")

@@ -52,8 +52,8 @@ REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 from _common import (  # noqa: E402
     PeakRSS,
+    add_harness_args,
     atomic_write_json,
-    default_threads,
     emit_result,
     geomean,
     machine_info,
@@ -531,13 +531,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget", type=float, default=None,
                    help="seconds per measurement: repeats are cut to fit (never below --min-repeats); default 20")
     p.add_argument("--min-repeats", type=int, default=None, help="repeats kept whatever the budget (default 5)")
-    p.add_argument("--threads", type=int, default=default_threads(), help="torch threads (default: all cores)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true", help="tiny repeats and machine probes: a smoke test")
-    p.add_argument("--timeout", type=float, default=1800.0, help="seconds before a worker is killed")
-    p.add_argument("--json", default=str(HERE / "results" / "attention.json"), help="where to write the results")
-    p.add_argument("--check-targets", action="store_true", help="exit status 2 when a measured target fails")
-    p.add_argument("--worker", help=argparse.SUPPRESS)
+    add_harness_args(p, results="attention", quick_help="tiny repeats and machine probes: a smoke test",
+                     timeout_s=1800.0)
     args = p.parse_args(argv)
 
     if args.worker:

@@ -65,7 +65,7 @@ REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 from _common import (  # noqa: E402
     atomic_write_json,
-    default_threads,
+    add_harness_args,
     emit_result,
     machine_info,
     machine_limits,
@@ -555,15 +555,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="inductor cache: a fresh empty folder per model (default; compile time from cold) or "
                         "torch's default folder (warm after an earlier run)")
     p.add_argument("--skip", default="", help="comma-separated parts to skip: infer, train")
-    p.add_argument("--threads", type=int, default=default_threads(), help="torch threads (default: all cores)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true",
-                   help="the 32x32 CPU variants (dat_v1_nano, dat_nano), batch 2, one round: a smoke test")
-    p.add_argument("--timeout", type=float, default=2400.0, help="seconds before a worker is killed")
-    p.add_argument("--json", default=str(HERE / "results" / "models.json"), help="where to write the results")
+    add_harness_args(p, results="models", timeout_s=2400.0,
+                     quick_help="the 32x32 CPU variants (dat_v1_nano, dat_nano), batch 2, one round: a smoke test")
     p.add_argument("--note", action="append", default=[], help="a note to add to the report (repeatable)")
-    p.add_argument("--check-targets", action="store_true", help="exit status 2 when a measured target fails")
-    p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
     if args.worker:
