@@ -58,50 +58,84 @@ def _table_step(table_len: int, n: int, version: str) -> int | None:
     return (table_len - 1) // den if (table_len - 1) % den == 0 else None
 
 
+class _WindowPlan:
+    """What every block of the window gather shares, computed once per forward: the zero-padded table and the
+    gather index of the largest block, relative to the block's first row (a block reads the padded table from
+    offset ``S * r0 * Wp`` on, so one index serves every block; a shorter block uses a prefix of it).
+
+    The border is the whole map's extent (``S * (H - 1) + 2`` rows, ``Sx * (W - 1) + 2`` columns): a window start
+    clamped into ``[-P, T]`` then only moves windows that lie wholly in the zero border, so clamping never changes
+    a value.
+    """
+
+    def __init__(self, table: Tensor, cy: Tensor, cx: Tensor, S: int, Sx: int, H: int, W: int):
+        G, hg, Th, Tw = table.shape
+        B, _, Ns = cy.shape
+        S1, Sx1 = max(S, 1), max(Sx, 1)  # a step of 0 only occurs with a single row / column
+        Py, Px = S1 * (H - 1) + 2, Sx1 * (W - 1) + 2
+        self.Tp = F.pad(table.detach(), (Px, Px, Py, Py)).reshape(G, hg, -1)  # G, hg, Hp*Wp
+        self.Wp = Tw + 2 * Px
+        fy, fx = torch.floor(cy.detach()), torch.floor(cx.detach())
+        self.base = (fy.clamp(-Py, Th).long() + Py) * self.Wp + fx.clamp(-Px, Tw).long() + Px  # B, G, Ns
+        self.S1, self.Sx1, self.W, self.cols, self.Ns = S1, Sx1, W, Sx1 * (W - 1) + 2, Ns
+        self.table_shape, self.Py, self.Px = (G, hg, Th, Tw), Py, Px
+        self.idx: Tensor | None = None
+        self.rows = 0
+
+    def block(self, r0: int, r1: int) -> tuple[Tensor, int, int]:
+        """The gather index of query rows ``r0:r1`` (Tensor[B, G, rows*cols*Ns]: window rows outermost, keys
+        innermost), the block's flat offset into the padded table, and its number of window rows."""
+        rows = self.S1 * (r1 - r0 - 1) + 2
+        if self.idx is None or rows > self.rows:
+            dev = self.base.device
+            offs = (torch.arange(rows, device=dev) * self.Wp).view(rows, 1) + torch.arange(self.cols, device=dev)
+            B, G, Ns = self.base.shape
+            self.idx = (self.base.unsqueeze(2) + offs.reshape(1, 1, -1, 1)).reshape(B, G, -1)  # B, G, rows*cols*Ns
+            self.rows = rows
+        return self.idx[:, :, : rows * self.cols * self.Ns], self.S1 * r0 * self.Wp, rows
+
+
 class _WindowTableBias(torch.autograd.Function):
     """Table bias for integer query steps: ``bias[i, j, n] = sum_ab w_ab(n) T[S*i + oy(n) + a, Sx*j + ox(n) + b]``.
 
-    Inputs: table (Tensor[G, hg, Th, Tw]), cy, cx (Tensor[B, G, Ns]: table coordinates of query row/col 0),
-    rows ``r0:r1``, steps ``S, Sx`` and the query map width ``W``. Output: Tensor[B, G, hg, (r1-r0)*W, Ns].
-    Everything is laid out keys-last, the layout the attention mask needs, so no pass transposes.
+    Inputs: table (Tensor[G, hg, Th, Tw]), cy, cx (Tensor[B, G, Ns]: table coordinates of query row/col 0; their
+    fractional parts are the bilinear weights of every query), the block's rows ``r0:r1`` and the shared
+    :class:`_WindowPlan`. Output: Tensor[B, G, hg, (r1-r0)*W, Ns], keys last (the layout the attention mask needs,
+    so no pass transposes).
     """
 
     @staticmethod
-    def forward(ctx, table: Tensor, cy: Tensor, cx: Tensor, r0: int, r1: int, S: int, Sx: int, W: int) -> Tensor:
+    def forward(ctx, table: Tensor, cy: Tensor, cx: Tensor, r0: int, r1: int, plan: _WindowPlan) -> Tensor:
         G, hg, Th, Tw = table.shape
         B, _, Ns = cy.shape
-        Hc = r1 - r0
-        S1, Sx1 = max(S, 1), max(Sx, 1)  # a step of 0 only occurs with a single row / column
-        rows, cols = S1 * (Hc - 1) + 2, Sx1 * (W - 1) + 2
-        # zero border wide enough that a window starting anywhere in [-P, T] stays inside the padded table
-        Py, Px = rows, cols
-        Tp = F.pad(table, (Px, Px, Py, Py))  # G, hg, Hp, Wp
-        Hp, Wp = Tp.shape[-2:]
-        uy = cy + S * r0
-        fy, fx = torch.floor(uy), torch.floor(cx)
-        wy, wx = (uy - fy).unsqueeze(2), (cx - fx).unsqueeze(2)  # B, G, 1, Ns
-        base = (fy.clamp(-Py, Th).long() + Py) * Wp + fx.clamp(-Px, Tw).long() + Px  # B, G, Ns
-        offs = (torch.arange(rows, device=table.device) * Wp).view(rows, 1) + torch.arange(cols, device=table.device)
-        idx = base.unsqueeze(2) + offs.reshape(1, 1, rows * cols, 1)  # B, G, rows*cols, Ns
+        Hc, W, S1, Sx1, cols = r1 - r0, plan.W, plan.S1, plan.Sx1, plan.cols
+        idx, off, rows = plan.block(r0, r1)
+        src = plan.Tp[:, :, off:]  # the block's rows start at its offset; the index is relative to it
+        wy = (cy - torch.floor(cy)).unsqueeze(2)  # B, G, 1, Ns
+        wx = (cx - torch.floor(cx)).unsqueeze(2)
         Z = torch.gather(
-            Tp.reshape(1, G, hg, Hp * Wp).expand(B, G, hg, Hp * Wp),
+            src.unsqueeze(0).expand(B, G, hg, src.shape[-1]),
             3,
-            idx.reshape(B, G, 1, rows * cols * Ns).expand(B, G, hg, rows * cols * Ns),
+            idx.unsqueeze(2).expand(B, G, hg, idx.shape[-1]),
         ).reshape(B, G, hg, rows, cols, Ns)
         wx_, wy_ = wx.unsqueeze(2).unsqueeze(2), wy.unsqueeze(2).unsqueeze(2)  # B, G, 1, 1, 1, Ns
         X = torch.lerp(Z[:, :, :, :, 0 : Sx1 * (W - 1) + 1 : Sx1], Z[:, :, :, :, 1 : Sx1 * (W - 1) + 2 : Sx1], wx_)
         X0 = X[:, :, :, 0 : S1 * (Hc - 1) + 1 : S1]  # B, G, hg, Hc, W, Ns
         X1 = X[:, :, :, 1 : S1 * (Hc - 1) + 2 : S1]
         bias = torch.lerp(X0, X1, wy_)  # B, G, hg, Hc, W, Ns
-        ctx.save_for_backward(Z, X, wy_, wx_, idx)
-        ctx.meta = (table.shape, S1, Sx1, W, Hc, rows, cols, Py, Px, Hp, Wp)
+        ctx.save_for_backward(Z, X, wy_, wx_)
+        ctx.meta = (plan, r0, r1)
         return bias.reshape(B, G, hg, Hc * W, Ns)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        Z, X, wy_, wx_, idx = ctx.saved_tensors
-        (G, hg, Th, Tw), S1, Sx1, W, Hc, rows, cols, Py, Px, Hp, Wp = ctx.meta
-        B, Ns = Z.shape[0], Z.shape[-1]
+        Z, X, wy_, wx_ = ctx.saved_tensors
+        plan, r0, r1 = ctx.meta
+        G, hg, Th, Tw = plan.table_shape
+        S1, Sx1, W, Py, Px = plan.S1, plan.Sx1, plan.W, plan.Py, plan.Px
+        Hc = r1 - r0
+        idx, off, rows = plan.block(r0, r1)
+        B, Ns = Z.shape[0], plan.Ns
         dB = grad.reshape(B, G, hg, Hc, W, Ns)
         ry0, ry1 = slice(0, S1 * (Hc - 1) + 1, S1), slice(1, S1 * (Hc - 1) + 2, S1)
         cx0, cx1 = slice(0, Sx1 * (W - 1) + 1, Sx1), slice(1, Sx1 * (W - 1) + 2, Sx1)
@@ -116,14 +150,13 @@ class _WindowTableBias(torch.autograd.Function):
             dZ = torch.zeros_like(Z)
             dZ[:, :, :, :, cx1] = dX * wx_
             dZ[:, :, :, :, cx0] += torch.addcmul(dX, dX, wx_, value=-1.0)
-            dTp = dZ.new_zeros(B, G, hg, Hp * Wp)
-            dTp.scatter_add_(
-                3,
-                idx.reshape(B, G, 1, rows * cols * Ns).expand(B, G, hg, rows * cols * Ns),
-                dZ.reshape(B, G, hg, rows * cols * Ns),
+            dTp = dZ.new_zeros(B, G, hg, plan.Tp.shape[-1])
+            dTp[:, :, :, off:].scatter_add_(
+                3, idx.unsqueeze(2).expand(B, G, hg, idx.shape[-1]), dZ.reshape(B, G, hg, -1)
             )
+            Hp, Wp = plan.Tp.shape[-1] // plan.Wp, plan.Wp
             d_table = dTp.sum(0).reshape(G, hg, Hp, Wp)[:, :, Py : Py + Th, Px : Px + Tw]
-        return d_table, d_wy, d_wx, None, None, None, None, None
+        return d_table, d_wy, d_wx, None, None, None
 
 
 def _general_table_bias(table: Tensor, qy: Tensor, qx: Tensor, p: Tensor) -> Tensor:
@@ -175,10 +208,11 @@ def _make_table_bias_fn(
         # table coordinate of query row / column 0 for every key: u = S * i + c(n)
         cy = A_y * (qy[0] - p[..., 0] + 2.0)  # B, G, Ns
         cx = A_x * (qx[0] - p[..., 1] + 2.0)
+        plan = _WindowPlan(table4, cy, cx, S, Sxi, H, W)
 
         def bias_fn(r0: int, r1: int, tensors: Sequence[Tensor]) -> Tensor:
             t, cy_, cx_ = tensors
-            out = _WindowTableBias.apply(t, cy_, cx_, r0, r1, S, Sxi, W)
+            out = _WindowTableBias.apply(t, cy_, cx_, r0, r1, plan)
             return out.reshape(B, nH, (r1 - r0) * W, Ns)
 
         return bias_fn, [table4, cy, cx]
