@@ -362,3 +362,50 @@ def _kwargs(m):
     return dict(dim=m.dim, num_heads=m.num_heads, offset_groups=m.offset_groups, stride=m.stride,
                 offset_kernel_size=m.offset_kernel_size, offset_range_factor=m.offset_range_factor,
                 pos_bias=m.pos_bias, q_size=m.q_size, kv_size=m.kv_size, no_off=m.no_off, version=m.version)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the window gather of the table bias, on its own: every integer step, blocks, positions inside and outside
+# ---------------------------------------------------------------------------------------------------------------
+def _window_case(S: int, H: int, W: int, B: int = 2, G: int = 2, hg: int = 2, Ns: int = 5, seed: int = 0):
+    """A table whose query step is ``S`` cells for an ``H x W`` map (pp convention) and key positions that reach
+    past the table's border on every side (clamped windows must still give zeros there)."""
+    g = torch.Generator().manual_seed(seed)
+    T = S * 2 * (H - 1) + 1 if H > 1 else 5
+    Tw = S * 2 * (W - 1) + 1 if W > 1 else 5
+    table = torch.randn(G, hg, T, Tw, generator=g, dtype=torch.float64)
+    pos = (torch.rand(B, G, Ns, 2, generator=g, dtype=torch.float64) * 2.0 - 1.0) * 1.6  # some outside [-1, 1]
+    return table, pos
+
+
+@pytest.mark.parametrize("S", [1, 2, 3])
+@pytest.mark.parametrize("H,W", [(4, 5), (1, 3), (3, 1), (6, 6)])
+def test_window_table_bias_equals_grid_sample(S, H, W):
+    table, pos = _window_case(S, H, W)
+    G, hg, T, Tw = table.shape
+    B, _, Ns, _ = pos.shape
+    qg = DF.query_grid(H, W, version="pp", dtype=torch.float64)
+    qy, qx = qg[:, 0, 0], qg[0, :, 1]
+    step_y, step_x = fast._table_step(T, H, "pp"), fast._table_step(Tw, W, "pp")
+    assert step_y == (S if H > 1 else 0) and step_x == (S if W > 1 else 0)
+    cy = (T - 1) / 4.0 * (qy[0] - pos[..., 0] + 2.0)
+    cx = (Tw - 1) / 4.0 * (qx[0] - pos[..., 1] + 2.0)
+    want = fast._general_table_bias(table, qy, qx, pos)  # B, G, hg, H*W, Ns
+    for rows in (1, 2, H):  # blocks of query rows, the last one shorter
+        plan = fast._WindowPlan(table, cy, cx, step_y, step_x, H, W)
+        got = torch.cat(
+            [fast._WindowTableBias.apply(table, cy, cx, r0, min(H, r0 + rows), plan) for r0 in range(0, H, rows)], 3
+        )
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+    # gradients with respect to the table and the positions (through cy, cx), one block and several
+    for rows in (H, 1):
+        def f(t, a, b):
+            plan = fast._WindowPlan(t, a, b, step_y, step_x, H, W)
+            return torch.cat(
+                [fast._WindowTableBias.apply(t, a, b, r0, min(H, r0 + rows), plan) for r0 in range(0, H, rows)], 3
+            )
+
+        # random positions lie off the cell boundaries (where the bilinear weights have a kink) almost surely
+        inputs = (table.clone().requires_grad_(), cy.clone().requires_grad_(), cx.clone().requires_grad_())
+        assert torch.autograd.gradcheck(f, inputs, eps=1e-7, atol=1e-6, rtol=1e-5, fast_mode=True)

@@ -37,6 +37,8 @@ if TYPE_CHECKING:  # pragma: no cover
 # 2^19 -> 2^20 elements: v1_stage3 135 -> 122 ms, pp_stage1 60 -> 58, det_stage1 686 -> 611; 2^21 is faster still
 # on the large maps (det 531) but slower on pp_stage1 (71 ms: the window gather's intermediates leave the cache).
 _BLOCK_ELEMS = int(os.environ.get("DEFORMATTN_BLOCK_ELEMS", 1 << 20))
+# ... but at least this many rows per block while that stays within 4x the budget (see _row_blocks).
+_MIN_ROWS = int(os.environ.get("DEFORMATTN_MIN_ROWS", 8))
 # Below this many attention elements autograd keeps the whole attention matrix (cheaper than recomputing it).
 _SAVE_ELEMS = int(os.environ.get("DEFORMATTN_SAVE_ELEMS", 1 << 23))
 
@@ -95,6 +97,35 @@ class _WindowPlan:
         return self.idx[:, :, : rows * self.cols * self.Ns], self.S1 * r0 * self.Wp, rows
 
 
+def _lerp_backward(d: Tensor, V: Tensor, w: Tensor, dim: int, step: int) -> tuple[Tensor, Tensor]:
+    """Adjoint of ``out[r] = lerp(V[step*r], V[step*r + 1], w)`` along ``dim`` (``w`` broadcasts, one weight per
+    batch, group and key): returns ``dV`` and ``dw`` summed to ``Tensor[B, G, Ns]`` (over heads, rows, columns).
+
+    With ``step == 1`` neighbouring outputs share an input, ``dV[r] = (1 - w) d[r] + w d[r-1]``; written with the
+    difference ``E[r] = d[r] - d[r-1]`` (zero outside) as ``dV[r] = d[r] - w E[r]``, and by summation by parts
+    ``dw = sum_r d[r] (V[r+1] - V[r]) = -sum_r V[r] E[r]``: three passes instead of zero-filling and accumulating.
+    """
+    n = d.shape[dim]
+    if step == 1:
+        E = torch.empty_like(V)  # n + 1 along dim
+        E.narrow(dim, 0, 1).copy_(d.narrow(dim, 0, 1))
+        torch.sub(d.narrow(dim, 1, n - 1), d.narrow(dim, 0, n - 1), out=E.narrow(dim, 1, n - 1))
+        torch.neg(d.narrow(dim, n - 1, 1), out=E.narrow(dim, n, 1))
+        dV = torch.empty_like(V)
+        torch.addcmul(d, E.narrow(dim, 0, n), w, value=-1.0, out=dV.narrow(dim, 0, n))
+        torch.mul(d.narrow(dim, n - 1, 1), w, out=dV.narrow(dim, n, 1))
+        dw = (V * E).sum((2, 3, 4)).neg_()
+        return dV, dw
+    # larger steps: the two inputs of every output are nobody else's
+    lo = (slice(None),) * dim + (slice(0, step * (n - 1) + 1, step),)
+    hi = (slice(None),) * dim + (slice(1, step * (n - 1) + 2, step),)
+    dV = torch.zeros_like(V)
+    dV[hi] = d * w
+    dV[lo] = d - dV[hi]
+    dw = (d * (V[hi] - V[lo])).sum((2, 3, 4))
+    return dV, dw
+
+
 class _WindowTableBias(torch.autograd.Function):
     """Table bias for integer query steps: ``bias[i, j, n] = sum_ab w_ab(n) T[S*i + oy(n) + a, Sx*j + ox(n) + b]``.
 
@@ -137,19 +168,10 @@ class _WindowTableBias(torch.autograd.Function):
         idx, off, rows = plan.block(r0, r1)
         B, Ns = Z.shape[0], plan.Ns
         dB = grad.reshape(B, G, hg, Hc, W, Ns)
-        ry0, ry1 = slice(0, S1 * (Hc - 1) + 1, S1), slice(1, S1 * (Hc - 1) + 2, S1)
-        cx0, cx1 = slice(0, Sx1 * (W - 1) + 1, Sx1), slice(1, Sx1 * (W - 1) + 2, Sx1)
-        # d/dwy: sum over heads and queries of dB * (X1 - X0); the weights move with c(n) at unit rate
-        d_wy = (dB * (X[:, :, :, ry1] - X[:, :, :, ry0])).sum((2, 3, 4))  # B, G, Ns
-        dX = torch.zeros_like(X)
-        dX[:, :, :, ry1] = dB * wy_
-        dX[:, :, :, ry0] += torch.addcmul(dB, dB, wy_, value=-1.0)
-        d_wx = (dX * (Z[:, :, :, :, cx1] - Z[:, :, :, :, cx0])).sum((2, 3, 4))  # B, G, Ns
+        dX, d_wy = _lerp_backward(dB, X, wy_, 3, S1)  # the lerp along rows ...
+        dZ, d_wx = _lerp_backward(dX, Z, wx_, 4, Sx1)  # ... and the one along columns
         d_table = None
         if ctx.needs_input_grad[0]:
-            dZ = torch.zeros_like(Z)
-            dZ[:, :, :, :, cx1] = dX * wx_
-            dZ[:, :, :, :, cx0] += torch.addcmul(dX, dX, wx_, value=-1.0)
             dTp = dZ.new_zeros(B, G, hg, plan.Tp.shape[-1])
             dTp[:, :, :, off:].scatter_add_(
                 3, idx.unsqueeze(2).expand(B, G, hg, idx.shape[-1]), dZ.reshape(B, G, hg, -1)
@@ -264,7 +286,12 @@ def _make_bias_fn(
 # Attention over query-row blocks
 # ---------------------------------------------------------------------------------------------------------------
 def _row_blocks(B: int, nH: int, H: int, W: int, Ns: int) -> list[tuple[int, int]]:
-    rows = max(1, min(H, _BLOCK_ELEMS // max(1, B * nH * W * Ns)))
+    """Blocks of query rows of about ``_BLOCK_ELEMS`` bias entries, but at least ``_MIN_ROWS`` rows while that
+    stays within 4x the budget: the window gather reads ``rows + 1`` table rows per block and every block costs
+    a round of kernel launches (det_stage1, 4 -> 8 rows: forward 587 -> 530 ms)."""
+    per_row = max(1, B * nH * W * Ns)
+    rows = max(1, min(H, _BLOCK_ELEMS // per_row))
+    rows = max(rows, min(H, _MIN_ROWS, 4 * _BLOCK_ELEMS // per_row))
     return [(r, min(H, r + rows)) for r in range(0, H, rows)]
 
 
