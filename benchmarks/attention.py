@@ -24,11 +24,18 @@ Where the time goes (deformattn's paths): after the timed repeats each worker ru
 products (``mm``/``bmm``/``addmm``/``baddbmm`` and the 1x1 convolutions, which are matrix products), the fused
 attention kernel (SDPA: matrix products *and* softmax), softmax, sampling (``grid_sample`` and its backward, gathers,
 scatters, lerps), the offset network's depthwise convolution / LayerNorm / GELU, and the rest (copies, element-wise
-arithmetic, bookkeeping). From it follows an **attainable bound** per case: the matmul floor plus the fast path's
-non-matmul time (the profiled share of everything but the matrix-product and fused-attention categories, applied
-to the median timed call), i.e. the time the
-fast path would take if every matrix product ran at the machine's measured matmul rate and nothing else changed;
-``reference / bound`` is the largest speed-up available without faster non-matmul kernels.
+arithmetic, bookkeeping).
+
+Two floors bound what any implementation can reach here. The *peak floor* is the call's matrix-product FLOPs at the
+1024² float32 matmul rate. The *shape floor* (``--worker`` kind ``gemm_floor``, :func:`case_gemms`) times every
+matrix product of the call alone at its own shape (the attention's products have a head dimension of 32 and run
+well below the 1024² rate): the time of a call in which everything else took no time. ``reference / shape floor``,
+per case and as a geometric mean over the four cases, is the largest speed-up over the reference the machine
+allows for these matrix products; the targets print it next to the geometric-mean lines. The **attainable bound**
+per case adds the fast path's non-matmul time (the profiled share of everything but the matrix-product and
+fused-attention categories, applied to the median timed call) to the shape floor: the time the fast path would
+take if every matrix product ran at the shape floor and nothing else changed; ``reference / bound`` is the largest
+speed-up available without faster non-matmul kernels.
 
 Output: a markdown table on stdout (machine limits, per-case FLOP floor, results, targets, time breakdown) and JSON
 at ``--json`` (default ``benchmarks/results/attention.json``, written atomically).
@@ -247,6 +254,49 @@ def forward_gflop(case: Case, Ns: int) -> float:
     return (2 * 2 * B * HW * C * C + 2 * 2 * B * Ns * C * C + 2 * 2 * B * HW * Ns * C) / 1e9
 
 
+def case_gemms(case: Case, Ns: int) -> list[tuple[str, tuple[int, ...], tuple[int, ...], int, int]]:
+    """The matrix products of one call: ``(label, A shape, B shape, times in the forward, times in the backward)``.
+
+    Forward: q/out projections over ``B*HW`` tokens, k/v projections over ``B*Ns``, ``QK^T`` and ``PV`` per
+    (batch, head). Backward (autograd keeping the attention matrix, the fewest FLOPs): every projection's input
+    gradient (same shape) and weight gradient (``C x tokens @ tokens x C``); ``dP = dO V^T`` (the shape of
+    ``QK^T``), ``dQ = dS K`` (the shape of ``PV``), ``dV = P^T dO`` and ``dK = dS^T Q``. Their FLOPs sum to
+    :func:`forward_gflop` (forward) and twice that (backward).
+    """
+    B, C, HW, BH, hc = case.B, case.C, case.H * case.W, case.B * case.heads, case.C // case.heads
+    return [
+        ("q/out projection", (B * HW, C), (C, C), 2, 2),
+        ("q/out weight grad", (C, B * HW), (B * HW, C), 0, 2),
+        ("k/v projection", (B * Ns, C), (C, C), 2, 2),
+        ("k/v weight grad", (C, B * Ns), (B * Ns, C), 0, 2),
+        ("QK^T, dO V^T", (BH, HW, hc), (BH, hc, Ns), 1, 1),
+        ("PV, dS K", (BH, HW, Ns), (BH, Ns, hc), 1, 1),
+        ("P^T dO, dS^T Q", (BH, Ns, HW), (BH, HW, hc), 0, 2),
+    ]
+
+
+def gemm_floor(case: Case, Ns: int, quick: bool) -> dict[str, Any]:
+    """Time every matrix product of :func:`case_gemms` alone at its own shape (float32, this process's threads):
+    the shape-aware matmul floor, i.e. the call's time if everything but its matrix products took no time and
+    each ran as fast as this machine's BLAS runs that shape."""
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    items, fwd_ms, fwdbwd_ms, flop_f = [], 0.0, 0.0, 0.0
+    for label, a_shape, b_shape, n_fwd, n_bwd in case_gemms(case, Ns):
+        a, b = torch.randn(*a_shape, generator=gen), torch.randn(*b_shape, generator=gen)
+        timing = time_fn(lambda: torch.matmul(a, b), warmup=1, repeats=2 if quick else 7, budget_s=3.0,
+                         min_repeats=1 if quick else 3)
+        ms = timing["median_ms"]
+        flop = 2 * math.prod(a_shape) * b_shape[-1]
+        items.append(dict(label=label, a=list(a_shape), b=list(b_shape), fwd=n_fwd, bwd=n_bwd, ms=ms,
+                          gflops=flop / ms / 1e6 if ms > 0 else None))
+        fwd_ms += n_fwd * ms
+        fwdbwd_ms += (n_fwd + n_bwd) * ms
+        flop_f += n_fwd * flop
+    return dict(gemms=items, fwd_ms=fwd_ms, fwdbwd_ms=fwdbwd_ms, fwd_gflop=flop_f / 1e9)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Worker: one (case, implementation, mode) in a fresh process
 # ---------------------------------------------------------------------------------------------------------------
@@ -254,6 +304,8 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     torch = setup_torch(spec["threads"], spec["seed"])
     if spec["kind"] == "machine":
         return {**machine_info(), **machine_limits(spec["threads"], quick=spec["quick"])}
+    if spec["kind"] == "gemm_floor":
+        return gemm_floor(Case(**spec["case"]), spec["Ns"], spec["quick"])
 
     sys.path.insert(0, str(REPO / "src"))  # measure this checkout, not some installed copy
     case, impl, mode = Case(**spec["case"]), spec["impl"], spec["mode"]
@@ -412,13 +464,20 @@ def render(report: dict[str, Any]) -> str:
     crow = []
     for name, c in report["cases"].items():
         floor = c["fwd_gflop"] / gflops * 1e3 if gflops else None
+        sf = c.get("shape_floor") or {}
         crow.append(
-            [name, c["shape"], c["config"], c["Ns"], _fmt(c["fwd_gflop"], 2), _fmt(floor), _fmt(floor and 3 * floor)]
+            [name, c["shape"], c["config"], c["Ns"], _fmt(c["fwd_gflop"], 2), _fmt(floor), _fmt(floor and 3 * floor),
+             _fmt(sf.get("fwd_ms")), _fmt(sf.get("fwdbwd_ms"))]
         )
     lines += [
         markdown_table(
-            ["case", "B×C×H×W", "config", "Ns", "fwd GFLOP", "floor fwd ms", "floor fwd+bwd ms"], crow, "lllrrrr"
+            ["case", "B×C×H×W", "config", "Ns", "fwd GFLOP", "peak floor fwd ms", "peak floor fwd+bwd ms",
+             "shape floor fwd ms", "shape floor fwd+bwd ms"], crow, "lllrrrrrr"
         ),
+        "",
+        "(Peak floor: the matrix-product FLOPs at the 1024² matmul rate. Shape floor: every matrix product of the "
+        "call timed alone at its own shape, see `case_gemms`; the attention's products have a head dimension of "
+        "32 and run well below the 1024² rate.)",
         "",
     ]
     rrow = []
@@ -457,25 +516,52 @@ def render(report: dict[str, Any]) -> str:
     if errors:
         lines += ["", "Errors:", ""] + [f"- {c} / {i} / {MODE_LABEL[mo]}: {e}" for c, i, mo, e in errors]
     lines += render_breakdown(report)
+    lines += render_floor(report)
     for note in report["notes"]:
         lines += ["", note]
     return "\n".join(lines)
 
 
+def _floor_ms(report: dict[str, Any], name: str, mode: str) -> float | None:
+    """The matmul floor of a case: shape-aware when measured, else the FLOPs at the 1024^2 matmul rate."""
+    c = report["cases"][name]
+    sf = c.get("shape_floor") or {}
+    if sf.get(f"{mode}_ms"):
+        return sf[f"{mode}_ms"]
+    gflops = report["machine"].get("matmul_gflops")
+    return (1 if mode == "fwd" else 3) * c["fwd_gflop"] / gflops * 1e3 if gflops else None
+
+
+def floor_bounds(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per mode: reference / shape-aware matmul floor per case and its geometric mean over the four issue cases,
+    the largest speed-up any implementation of the same matrix products could reach on this machine."""
+    rows = {(r["case"], r["impl"]): r for r in report["rows"]}
+    out: dict[str, dict[str, Any]] = {}
+    for mode in MODES:
+        per_case = {}
+        for name, c in report["cases"].items():
+            ref = rows.get((name, "reference"), {}).get(f"{mode}_ms")
+            sf = (c.get("shape_floor") or {}).get(f"{mode}_ms")
+            if ref and sf:
+                per_case[name] = ref / sf
+        std = [per_case[n] for n in CASES if n in per_case]
+        out[mode] = dict(per_case=per_case, geomean=geomean(std) if len(std) == len(CASES) else None)
+    return out
+
+
 def attainable(report: dict[str, Any]) -> dict[str, dict[str, float]]:
     """Per case and mode: the attainable bound (matmul floor + the fast path's non-matmul time) and reference / bound."""
-    gflops = report["machine"].get("matmul_gflops")
     rows = {(r["case"], r["impl"]): r for r in report["rows"]}
     out: dict[str, dict[str, float]] = {}
     for name, c in report["cases"].items():
         fast, ref = rows.get((name, "fast")), rows.get((name, "reference"))
-        if not gflops or fast is None or ref is None:
+        if fast is None or ref is None:
             continue
-        for mode, mult in (("fwd", 1), ("fwdbwd", 3)):
+        for mode in MODES:
             bd = fast[mode].get("breakdown_ms")
-            if not bd or ref.get(f"{mode}_ms") is None:
+            floor = _floor_ms(report, name, mode)
+            if not bd or ref.get(f"{mode}_ms") is None or floor is None:
                 continue
-            floor = mult * c["fwd_gflop"] / gflops * 1e3
             # the profiled non-matmul share applied to the median timed call (the profiler's own overhead cancels)
             share = 1.0 - sum(bd[k] for k in MATMUL_CATEGORIES) / bd["total"]
             non_matmul = share * fast[f"{mode}_ms"]
@@ -507,15 +593,36 @@ def render_breakdown(report: dict[str, Any]) -> list[str]:
             arow.append([name, MODE_LABEL[mode], _fmt(a["floor_ms"]), _fmt(a["non_matmul_ms"]), _fmt(a["bound_ms"]),
                          _fmt(a["ref_over_bound"], 2)])
     if arow:
-        lines += ["Attainable bound: the fast path with every matrix product at the measured matmul rate and its "
+        lines += ["Attainable bound: the fast path with its matrix products at the shape floor and its "
                   "other (non-matmul) ops as they are (their profiled share of the median fast call); `ref / bound` "
                   "is the largest speed-up over the reference without faster non-matmul kernels.", "",
-                  markdown_table(["case", "mode", "matmul floor ms", "fast non-matmul ms", "bound ms", "ref / bound"],
+                  markdown_table(["case", "mode", "shape floor ms", "fast non-matmul ms", "bound ms", "ref / bound"],
                                  arow, "llrrrr"), ""]
         for mode in MODES:
             vals = [m[mode]["ref_over_bound"] for m in att.values() if mode in m]
             if len(vals) == len(att) and vals:
                 lines.append(f"- geometric mean of ref / bound, {MODE_LABEL[mode]}: {geomean(vals):.2f}x")
+    return lines
+
+
+def render_floor(report: dict[str, Any]) -> list[str]:
+    grow = []
+    for name, c in report["cases"].items():
+        for g in (c.get("shape_floor") or {}).get("gemms", []):
+            grow.append([name, g["label"], "x".join(map(str, g["a"])) + " @ " + "x".join(map(str, g["b"])),
+                         g["fwd"], g["bwd"], _fmt(g["ms"], 2), _fmt(g["gflops"])])
+    if not grow:
+        return []
+    fb = report.get("floor_bounds") or {}
+    lines = ["", "The shape-aware matmul floor: every matrix product of one call (`case_gemms`), timed alone at its "
+             "shape; `fwd` / `bwd`: how often the forward / backward pass runs it.", "",
+             markdown_table(["case", "product", "shape", "fwd", "bwd", "ms", "GFLOP/s"], grow, "lllrrrr"), ""]
+    for mode in MODES:
+        b = fb.get(mode) or {}
+        if b.get("per_case"):
+            per = ", ".join(f"{n} {v:.2f}x" for n, v in b["per_case"].items())
+            g = f"; geometric mean **{b['geomean']:.2f}x**" if b.get("geomean") else ""
+            lines.append(f"- reference / shape floor, {MODE_LABEL[mode]}: {per}{g}")
     return lines
 
 
@@ -625,6 +732,13 @@ def main(argv: list[str] | None = None) -> int:
             Ns = math.prod(build("fast", case)[1])
         case_info[case.name] = {**dataclasses.asdict(case), "shape": case.shape(), "config": case.config(), "Ns": Ns,
                                 "fwd_gflop": forward_gflop(case, Ns)}
+        spec = dict(base, kind="gemm_floor", case=dataclasses.asdict(case), Ns=Ns)
+        floor = run_worker(script + [json.dumps(spec)], env=env, timeout_s=args.timeout)
+        case_info[case.name]["shape_floor"] = floor
+        if "error" in floor:
+            log(f"{case.name:>12} shape-aware matmul floor: ERROR {floor['error']}")
+        else:
+            log(f"{case.name:>12} shape-aware matmul floor: {floor['fwd_ms']:.1f} / {floor['fwdbwd_ms']:.1f} ms")
 
     report = {
         "benchmark": "attention",
@@ -642,6 +756,13 @@ def main(argv: list[str] | None = None) -> int:
         "elapsed_s": time.perf_counter() - t_start,
     }
     report["attainable"] = attainable(report)
+    report["floor_bounds"] = floor_bounds(report)
+    for t in report["targets"]:  # what the machine allows at most, next to each geometric-mean target
+        for mode, b in report["floor_bounds"].items():
+            if t["name"].startswith(f"geometric-mean speed-up over reference, {MODE_LABEL[mode]} (") and b.get(
+                    "geomean"):
+                t["detail"] = (f"at most {b['geomean']:.2f}x on this machine even if everything but the matrix "
+                               f"products took no time: reference / shape-aware matmul floor")
     report["table_markdown"] = render(report)
     print(report["table_markdown"])
     atomic_write_json(args.json, report)

@@ -67,6 +67,19 @@ def test_quick_run_writes_expected_rows(tmp_path):
         assert a["ref_over_bound"] == pytest.approx(ref[f"{mode}_ms"] / a["bound_ms"])
     assert "Attainable bound" in report["table_markdown"]
 
+    # the shape-aware matmul floor: the products of case_gemms, timed alone; their FLOPs are the forward's
+    sf = report["cases"]["tiny"]["shape_floor"]
+    assert "error" not in sf, sf
+    assert sf["fwd_gflop"] == pytest.approx(report["cases"]["tiny"]["fwd_gflop"])
+    assert all(g["ms"] > 0 for g in sf["gemms"])
+    assert sf["fwd_ms"] == pytest.approx(sum(g["fwd"] * g["ms"] for g in sf["gemms"]))
+    assert sf["fwdbwd_ms"] == pytest.approx(sum((g["fwd"] + g["bwd"]) * g["ms"] for g in sf["gemms"]))
+    for mode in ("fwd", "fwdbwd"):
+        assert att[mode]["floor_ms"] == pytest.approx(sf[f"{mode}_ms"])
+        assert report["floor_bounds"][mode]["per_case"]["tiny"] == pytest.approx(ref[f"{mode}_ms"] / sf[f"{mode}_ms"])
+        assert report["floor_bounds"][mode]["geomean"] is None  # defined over the four issue cases only
+    assert "shape-aware matmul floor" in report["table_markdown"]
+
     machine = report["machine"]
     assert machine["matmul_gflops"] > 0 and machine["copy_gbps"] > 0
     assert report["settings"]["threads"] == 1 and report["settings"]["quick"]
