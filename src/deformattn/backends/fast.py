@@ -37,7 +37,7 @@ if TYPE_CHECKING:  # pragma: no cover
 # 2^19 -> 2^20 elements: v1_stage3 135 -> 122 ms, pp_stage1 60 -> 58, det_stage1 686 -> 611; 2^21 is faster still
 # on the large maps (det 531) but slower on pp_stage1 (71 ms: the window gather's intermediates leave the cache).
 _BLOCK_ELEMS = int(os.environ.get("DEFORMATTN_BLOCK_ELEMS", 1 << 20))
-# ... but at least this many rows per block while that stays within 4x the budget (see _row_blocks).
+# ... but in inference at least this many rows per block while that stays within 4x the budget (see _row_blocks).
 _MIN_ROWS = int(os.environ.get("DEFORMATTN_MIN_ROWS", 8))
 # Below this many attention elements autograd keeps the whole attention matrix (cheaper than recomputing it).
 _SAVE_ELEMS = int(os.environ.get("DEFORMATTN_SAVE_ELEMS", 1 << 23))
@@ -73,13 +73,13 @@ class _WindowPlan:
     def __init__(self, table: Tensor, cy: Tensor, cx: Tensor, S: int, Sx: int, H: int, W: int):
         G, hg, Th, Tw = table.shape
         B, _, Ns = cy.shape
-        S1, Sx1 = max(S, 1), max(Sx, 1)  # a step of 0 only occurs with a single row / column
-        Py, Px = S1 * (H - 1) + 2, Sx1 * (W - 1) + 2
+        # a step of 0 (one query row, or a table of one row): every query row reads the same pair of table rows
+        Py, Px = max(S, 1) * (H - 1) + 2, max(Sx, 1) * (W - 1) + 2
         self.Tp = F.pad(table.detach(), (Px, Px, Py, Py)).reshape(G, hg, -1)  # G, hg, Hp*Wp
         self.Wp = Tw + 2 * Px
         fy, fx = torch.floor(cy.detach()), torch.floor(cx.detach())
         self.base = (fy.clamp(-Py, Th).long() + Py) * self.Wp + fx.clamp(-Px, Tw).long() + Px  # B, G, Ns
-        self.S1, self.Sx1, self.W, self.cols, self.Ns = S1, Sx1, W, Sx1 * (W - 1) + 2, Ns
+        self.S, self.Sx, self.W, self.cols, self.Ns = S, Sx, W, Sx * (W - 1) + 2, Ns
         self.table_shape, self.Py, self.Px = (G, hg, Th, Tw), Py, Px
         self.idx: Tensor | None = None
         self.rows = 0
@@ -87,14 +87,25 @@ class _WindowPlan:
     def block(self, r0: int, r1: int) -> tuple[Tensor, int, int]:
         """The gather index of query rows ``r0:r1`` (Tensor[B, G, rows*cols*Ns]: window rows outermost, keys
         innermost), the block's flat offset into the padded table, and its number of window rows."""
-        rows = self.S1 * (r1 - r0 - 1) + 2
+        rows = self.S * (r1 - r0 - 1) + 2
         if self.idx is None or rows > self.rows:
             dev = self.base.device
             offs = (torch.arange(rows, device=dev) * self.Wp).view(rows, 1) + torch.arange(self.cols, device=dev)
             B, G, Ns = self.base.shape
             self.idx = (self.base.unsqueeze(2) + offs.reshape(1, 1, -1, 1)).reshape(B, G, -1)  # B, G, rows*cols*Ns
             self.rows = rows
-        return self.idx[:, :, : rows * self.cols * self.Ns], self.S1 * r0 * self.Wp, rows
+        return self.idx[:, :, : rows * self.cols * self.Ns], self.S * r0 * self.Wp, rows
+
+
+def _taps(V: Tensor, dim: int, n: int, step: int) -> tuple[Tensor, Tensor]:
+    """The two inputs of ``n`` lerps along ``dim``: views of ``V[step*r]`` and ``V[step*r + 1]``, ``r < n``
+    (step 0: one pair of rows, repeated)."""
+    if step == 0:
+        shape = list(V.shape)
+        shape[dim] = n
+        return V.narrow(dim, 0, 1).expand(shape), V.narrow(dim, 1, 1).expand(shape)
+    head = (slice(None),) * dim
+    return V[head + (slice(0, step * (n - 1) + 1, step),)], V[head + (slice(1, step * (n - 1) + 2, step),)]
 
 
 def _lerp_backward(d: Tensor, V: Tensor, w: Tensor, dim: int, step: int) -> tuple[Tensor, Tensor]:
@@ -105,6 +116,8 @@ def _lerp_backward(d: Tensor, V: Tensor, w: Tensor, dim: int, step: int) -> tupl
     difference ``E[r] = d[r] - d[r-1]`` (zero outside) as ``dV[r] = d[r] - w E[r]``, and by summation by parts
     ``dw = sum_r d[r] (V[r+1] - V[r]) = -sum_r V[r] E[r]``: three passes instead of zero-filling and accumulating.
     """
+    if step == 0:  # every output reads the same pair (the weight does not depend on the row): sum them first
+        d, step = d.sum(dim, keepdim=True), 2
     n = d.shape[dim]
     if step == 1:
         E = torch.empty_like(V)  # n + 1 along dim
@@ -117,12 +130,12 @@ def _lerp_backward(d: Tensor, V: Tensor, w: Tensor, dim: int, step: int) -> tupl
         dw = (V * E).sum((2, 3, 4)).neg_()
         return dV, dw
     # larger steps: the two inputs of every output are nobody else's
-    lo = (slice(None),) * dim + (slice(0, step * (n - 1) + 1, step),)
-    hi = (slice(None),) * dim + (slice(1, step * (n - 1) + 2, step),)
     dV = torch.zeros_like(V)
-    dV[hi] = d * w
-    dV[lo] = d - dV[hi]
-    dw = (d * (V[hi] - V[lo])).sum((2, 3, 4))
+    lo, hi = _taps(dV, dim, n, step)
+    torch.mul(d, w, out=hi)
+    torch.sub(d, hi, out=lo)
+    V0, V1 = _taps(V, dim, n, step)
+    dw = (d * (V1 - V0)).sum((2, 3, 4))
     return dV, dw
 
 
@@ -139,7 +152,7 @@ class _WindowTableBias(torch.autograd.Function):
     def forward(ctx, table: Tensor, cy: Tensor, cx: Tensor, r0: int, r1: int, plan: _WindowPlan) -> Tensor:
         G, hg, Th, Tw = table.shape
         B, _, Ns = cy.shape
-        Hc, W, S1, Sx1, cols = r1 - r0, plan.W, plan.S1, plan.Sx1, plan.cols
+        Hc, W, cols = r1 - r0, plan.W, plan.cols
         idx, off, rows = plan.block(r0, r1)
         src = plan.Tp[:, :, off:]  # the block's rows start at its offset; the index is relative to it
         wy = (cy - torch.floor(cy)).unsqueeze(2)  # B, G, 1, Ns
@@ -150,9 +163,8 @@ class _WindowTableBias(torch.autograd.Function):
             idx.unsqueeze(2).expand(B, G, hg, idx.shape[-1]),
         ).reshape(B, G, hg, rows, cols, Ns)
         wx_, wy_ = wx.unsqueeze(2).unsqueeze(2), wy.unsqueeze(2).unsqueeze(2)  # B, G, 1, 1, 1, Ns
-        X = torch.lerp(Z[:, :, :, :, 0 : Sx1 * (W - 1) + 1 : Sx1], Z[:, :, :, :, 1 : Sx1 * (W - 1) + 2 : Sx1], wx_)
-        X0 = X[:, :, :, 0 : S1 * (Hc - 1) + 1 : S1]  # B, G, hg, Hc, W, Ns
-        X1 = X[:, :, :, 1 : S1 * (Hc - 1) + 2 : S1]
+        X = torch.lerp(*_taps(Z, 4, W, plan.Sx), wx_)  # B, G, hg, rows, W, Ns
+        X0, X1 = _taps(X, 3, Hc, plan.S)  # B, G, hg, Hc, W, Ns
         bias = torch.lerp(X0, X1, wy_)  # B, G, hg, Hc, W, Ns
         ctx.save_for_backward(Z, X, wy_, wx_)
         ctx.meta = (plan, r0, r1)
@@ -163,13 +175,13 @@ class _WindowTableBias(torch.autograd.Function):
         Z, X, wy_, wx_ = ctx.saved_tensors
         plan, r0, r1 = ctx.meta
         G, hg, Th, Tw = plan.table_shape
-        S1, Sx1, W, Py, Px = plan.S1, plan.Sx1, plan.W, plan.Py, plan.Px
+        W, Py, Px = plan.W, plan.Py, plan.Px
         Hc = r1 - r0
         idx, off, rows = plan.block(r0, r1)
         B, Ns = Z.shape[0], plan.Ns
         dB = grad.reshape(B, G, hg, Hc, W, Ns)
-        dX, d_wy = _lerp_backward(dB, X, wy_, 3, S1)  # the lerp along rows ...
-        dZ, d_wx = _lerp_backward(dX, Z, wx_, 4, Sx1)  # ... and the one along columns
+        dX, d_wy = _lerp_backward(dB, X, wy_, 3, plan.S)  # the lerp along rows ...
+        dZ, d_wx = _lerp_backward(dX, Z, wx_, 4, plan.Sx)  # ... and the one along columns
         d_table = None
         if ctx.needs_input_grad[0]:
             dTp = dZ.new_zeros(B, G, hg, plan.Tp.shape[-1])
@@ -285,13 +297,15 @@ def _make_bias_fn(
 # ---------------------------------------------------------------------------------------------------------------
 # Attention over query-row blocks
 # ---------------------------------------------------------------------------------------------------------------
-def _row_blocks(B: int, nH: int, H: int, W: int, Ns: int) -> list[tuple[int, int]]:
-    """Blocks of query rows of about ``_BLOCK_ELEMS`` bias entries, but at least ``_MIN_ROWS`` rows while that
-    stays within 4x the budget: the window gather reads ``rows + 1`` table rows per block and every block costs
-    a round of kernel launches (det_stage1, 4 -> 8 rows: forward 587 -> 530 ms)."""
+def _row_blocks(B: int, nH: int, H: int, W: int, Ns: int, inference: bool) -> list[tuple[int, int]]:
+    """Blocks of query rows of about ``_BLOCK_ELEMS`` bias entries. In inference at least ``_MIN_ROWS`` rows while
+    that stays within 4x the budget: the window gather reads ``rows + 1`` table rows per block and every block
+    costs a round of kernel launches (det_stage1, 4 -> 8 rows: forward 587 -> 530 ms). The backward's per-block
+    intermediates are several times a block, so training keeps the budget (det_stage1 peak 233 -> 184 MiB)."""
     per_row = max(1, B * nH * W * Ns)
     rows = max(1, min(H, _BLOCK_ELEMS // per_row))
-    rows = max(rows, min(H, _MIN_ROWS, 4 * _BLOCK_ELEMS // per_row))
+    if inference:
+        rows = max(rows, min(H, _MIN_ROWS, 4 * _BLOCK_ELEMS // per_row))
     return [(r, min(H, r + rows)) for r in range(0, H, rows)]
 
 
@@ -389,8 +403,11 @@ def attend(
         # gradient, as on the reference path
         keep = sum((t.sum() * 0 for t in (k, v, *bias_inputs)), q.sum() * 0)
         return q.new_zeros(q.shape) + keep
-    blocks = _row_blocks(B, nH, H, W, Ns)
     drop = attn_drop if training else 0.0
+    needs_grad = torch.is_grad_enabled() and (
+        q.requires_grad or k.requires_grad or v.requires_grad or any(t.requires_grad for t in bias_inputs)
+    )
+    blocks = _row_blocks(B, nH, H, W, Ns, inference=not needs_grad)
     if drop > 0.0:
         # dropout needs its random mask in the backward pass: let autograd keep the blocks
         outs = []
@@ -402,9 +419,6 @@ def attend(
                 )
             )
         return torch.cat(outs, dim=2)
-    needs_grad = torch.is_grad_enabled() and (
-        q.requires_grad or k.requires_grad or v.requires_grad or any(t.requires_grad for t in bias_inputs)
-    )
     if not needs_grad:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
         for r0, r1 in blocks:
