@@ -297,6 +297,20 @@ def gemm_floor(case: Case, Ns: int, quick: bool) -> dict[str, Any]:
     return dict(gemms=items, fwd_ms=fwd_ms, fwdbwd_ms=fwdbwd_ms, fwd_gflop=flop_f / 1e9)
 
 
+def faults_per_call(call, setup=None, calls: int = 3) -> float:
+    """Minor page faults per call after the timed repeats: fresh pages the allocator had to map. glibc returns
+    freed heap tops and large blocks to the kernel, so a call whose temporaries do not fit the memory kept from the
+    last one pays ~1 us per 4 KiB page (part of the timed call, on both paths; reported to explain differences)."""
+    import resource
+
+    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(calls):
+        if setup is not None:
+            setup()
+        call()
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) / calls
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Worker: one (case, implementation, mode) in a fresh process
 # ---------------------------------------------------------------------------------------------------------------
@@ -357,7 +371,8 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         budget_s=spec["budget_s"],
         min_repeats=spec["min_repeats"],
     )
-    out = {**timing, **mem.as_dict(), "first_call_ms": first_call_ms, "Hk": Hk, "Wk": Wk}
+    out = {**timing, **mem.as_dict(), "first_call_ms": first_call_ms, "Hk": Hk, "Wk": Wk,
+           "faults_per_call": faults_per_call(call, setup)}
     if impl != "lucidrains" and spec.get("breakdown", True):
         out["breakdown_ms"] = op_breakdown(call, setup)
     if impl == "lucidrains":
@@ -493,16 +508,20 @@ def render(report: dict[str, Any]) -> str:
                 _fmt(r["fwdbwd_peak_mib"]),
                 _fmt(r["speedup_fwd"], 2),
                 _fmt(r["speedup_fwdbwd"], 2),
+                " / ".join(_fmt(r[mode].get("faults_per_call"), 0) for mode in MODES),
             ]
         )
     lines += [
         markdown_table(
-            ["case", "impl", "fwd ms", "fwd+bwd ms", "fwd peak MiB", "fwd+bwd peak MiB", "fwd × ref", "fwd+bwd × ref"],
+            ["case", "impl", "fwd ms", "fwd+bwd ms", "fwd peak MiB", "fwd+bwd peak MiB", "fwd × ref", "fwd+bwd × ref",
+             "page faults / call"],
             rrow,
-            "llrrrrrr",
+            "llrrrrrrr",
         ),
         "",
-        "(`× ref`: reference time / this time; above 1 is faster than the reference.)",
+        "(`× ref`: reference time / this time; above 1 is faster than the reference. Page faults: minor faults per "
+        "call, forward / forward+backward, after the timed repeats; each is a fresh 4 KiB page glibc handed back to "
+        "the kernel after the previous call, paid inside the timed call.)",
         "",
         "Targets:",
         "",

@@ -50,6 +50,7 @@ def test_quick_run_writes_expected_rows(tmp_path):
             assert row[f"{mode}_ms"] > 0 and math.isfinite(row[f"{mode}_ms"])
             assert row[f"{mode}_peak_mib"] > 0, row[mode]
             assert row[mode]["repeats"] >= 1
+            assert row[mode]["faults_per_call"] >= 0
             assert row[mode]["Hk"] * row[mode]["Wk"] == report["cases"]["tiny"]["Ns"]
             if row["impl"] != "lucidrains":  # profiled op breakdown: categories add up to the total
                 bd = row[mode]["breakdown_ms"]
