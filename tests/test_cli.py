@@ -147,7 +147,7 @@ def test_predict_prints_classes_with_probabilities(trained, tmp_path, capsys):
     assert len(r[0]["top"]) == 10  # capped at the number of classes
     assert sum(t["probability"] for t in r[0]["top"]) == pytest.approx(1.0, abs=1e-5)
     assert main(["predict", "-c", str(trained / "last.pt"), str(tmp_path / "missing.png")]) == 2
-    assert "predict: image" in capsys.readouterr().err
+    assert "deformattn predict: error: image" in capsys.readouterr().err  # the command is named once
     (tmp_path / "broken.png").write_bytes(b"\x89PNG broken")
     assert main(["predict", "-c", str(trained / "last.pt"), str(tmp_path / "broken.png")]) == 2
     assert "cannot read image" in capsys.readouterr().err

@@ -1,9 +1,61 @@
-"""Small shared helpers: argument normalisation and validation with clear messages."""
+"""Small shared helpers: argument normalisation and validation with clear messages, atomic file writes."""
 from __future__ import annotations
 
+import contextlib
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
+
+
+class InvalidArgumentError(ValueError):
+    """A bad value of a named argument. ``str(exc)`` is ``"argument: message"`` in the library's terms; the CLI
+    prints ``message`` after the matching option's flag (``checkpoint_path`` -> ``--checkpoint``)."""
+
+    def __init__(self, argument: str, message: str):
+        super().__init__(argument, message)
+        self.argument = argument
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"{self.argument}: {self.message}"
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary file next to ``path`` to write; it replaces ``path`` (``os.replace``) when the block succeeds and
+    is removed otherwise, so a reader - or a run killed half-way - sees the old file or the new one, never a part."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        # mkstemp creates the file 0600; give it the permissions of a file opened normally (0666 & ~umask)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
+    """Write ``path`` atomically through ``write(tmp)`` (see :func:`atomic_path`)."""
+    with atomic_path(path) as tmp:
+        write(tmp)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def to_2tuple(value: Any, name: str, owner: str) -> tuple[int, int]:

@@ -153,9 +153,44 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, ImportError, FloatingPointError) as exc:
         if os.environ.get("DEFORMATTN_DEBUG"):
             raise
-        print(f"deformattn {args.command}: error: {exc}", file=sys.stderr)
+        message = user_message(exc, args.command, _subparser(parser, args.command))
+        print(f"deformattn {args.command}: error: {message}", file=sys.stderr)
         return 2
     return int(status or 0)
+
+
+# library argument names whose option has another name
+_ARGUMENT_ALIASES = {"checkpoint_path": "checkpoint", "model_name": "model"}
+
+
+def user_message(exc: BaseException, command: str, sub: argparse.ArgumentParser) -> str:
+    """The one-line message of a library error in the CLI's terms: a leading argument name (``checkpoint_path:``,
+    ``resume:``) becomes the option's flag (``--checkpoint:``, ``--resume:``), and a prefix that repeats the command
+    (``deformattn train: ``) is dropped, since the caller prints ``deformattn COMMAND: error:`` once."""
+    import re
+
+    message = str(exc).strip()
+    if isinstance(exc, FileNotFoundError) and exc.filename and exc.strerror is not None:
+        message = f"{exc.strerror}: {exc.filename}"
+    for prefix in (f"deformattn {command}: ", f"{command}: "):
+        if message.startswith(prefix):
+            message = message[len(prefix):]
+    flags: dict[str, str] = {}
+    for action in sub._actions:
+        longest = max(action.option_strings, key=len) if action.option_strings else action.metavar or action.dest
+        flags[action.dest] = longest if isinstance(longest, str) else action.dest.upper()
+    if getattr(exc, "pickled_objects", ()):  # the library's remedy is a Python argument: give the CLI's
+        message = (f"{exc.argument}: checkpoint {exc.path!r} is intact but pickles Python objects besides tensors "
+                   f"({', '.join(exc.pickled_objects)}), which the command line never unpickles. Unpickling runs "
+                   "code named in the file: only if you trust it, convert it once in Python - torch.save("
+                   f"deformattn.models.read_checkpoint({exc.path!r}, weights_only=False)[0], 'weights.pt') - and "
+                   "pass weights.pt")
+    match = re.match(r"(\w+): ", message)
+    if match:
+        name = _ARGUMENT_ALIASES.get(match.group(1), match.group(1))
+        if name in flags and name not in ("help", "config"):
+            message = flags[name] + message[match.end() - 2:]
+    return message
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -263,7 +298,9 @@ def _predict(args: argparse.Namespace, explicit: set[str]) -> int:
 # ------------------------------------------------------------------------------------------------------------------
 def _configure_info(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", "-c", metavar="PATH", default=None,
-                        help="describe a training checkpoint instead (model, epoch, classes, metrics, options)")
+                        help="describe a checkpoint instead: a training checkpoint (model, epoch, classes, metrics, "
+                             "options) or an official / bare state_dict (tensors, parameters, the variants it fits)")
+    parser.add_argument("--models", action="store_true", help="list the registered models only, one per line")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
@@ -279,6 +316,55 @@ def _package_versions() -> dict[str, str | None]:
     return out
 
 
+def _checkpoint_info(path: str) -> dict[str, Any]:
+    """What a checkpoint holds: a training checkpoint's run, or an official / bare state_dict's tensors and the
+    registered variants whose parameters it fits (read weights-only by the package's one reader)."""
+    import torch
+
+    from .models import default_cfgs, list_models, model_entrypoint
+    from .models._helpers import clean_key, safe_load, unwrap_state_dict
+    from .train.checkpoint import FORMAT, load_checkpoint_file
+
+    obj = safe_load(path, argument="checkpoint")
+    if isinstance(obj, dict) and "format" in obj:
+        if obj["format"] != FORMAT:
+            raise ValueError(f"--checkpoint: {path!r} has format {obj['format']!r}; this version reads {FORMAT!r} "
+                             "and plain state_dicts")
+        ckpt = load_checkpoint_file(path, argument="checkpoint")
+        last = ckpt.get("history", [])[-1:] or [{}]
+        return {"checkpoint": path, "format": ckpt["format"], "model": ckpt["model_name"],
+                "model_kwargs": ckpt["model_kwargs"], "epoch": ckpt["epoch"],
+                "params": sum(t.numel() for k, t in ckpt["model"].items() if not k.endswith(("_index", "attn_mask"))),
+                "class_names": ckpt["class_names"], "resumable": all(ckpt.get(k) is not None for k in
+                                                                    ("optimizer", "scheduler", "rng")),
+                "has_ema": ckpt.get("model_ema") is not None, "last_epoch_metrics": last[0], "config": ckpt["config"]}
+    inner = unwrap_state_dict(obj) if isinstance(obj, dict) else obj
+    tensors = {clean_key(k): v for k, v in inner.items() if torch.is_tensor(v)} if isinstance(inner, dict) else {}
+    if not tensors:
+        raise ValueError(f"--checkpoint: {path!r} holds no tensors: not a model checkpoint")
+    head = tensors.get("cls_head.weight")
+    derived = ("relative_position_index", "attn_mask")
+    params = sum(t.numel() for k, t in tensors.items() if not k.endswith(derived))
+    fits = []
+    for name in list_models():
+        published = default_cfgs[name].get("params_m")  # rounded: only rules out variants of another size
+        if published is not None and abs(params / 1e6 - published) > 0.1 * published:
+            continue
+        own = model_entrypoint(name)(num_classes=int(head.shape[0]) if head is not None else 0).state_dict()
+        keys = {k for k in own if not k.endswith(derived)}
+        if keys == {k for k in tensors if not k.endswith(derived)} and all(
+                tensors[k].shape == own[k].shape or k.endswith("_table") for k in keys):  # tables are resized
+            fits.append(name)
+    return {"checkpoint": path,
+            "format": "official checkpoint ({'model': state_dict})" if inner is not obj else "bare state_dict",
+            "tensors": len(tensors),
+            "params": params,
+            "dtypes": sorted({str(t.dtype).replace("torch.", "") for t in tensors.values()}),
+            "num_classes": int(head.shape[0]) if head is not None else None,
+            "fits": fits or "no registered variant (see 'deformattn info --models')",
+            "other_entries": sorted(str(k) for k in obj if obj[k] is not inner) if inner is not obj else []}
+
+
 @register_command("info", help="versions, devices, registered models, or a checkpoint's description",
                   configure=_configure_info)
 def _info(args: argparse.Namespace, explicit: set[str]) -> int:
@@ -288,16 +374,7 @@ def _info(args: argparse.Namespace, explicit: set[str]) -> int:
     from .models import default_cfgs, list_models
 
     if args.checkpoint:
-        from .train import load_checkpoint_file
-
-        ckpt = load_checkpoint_file(args.checkpoint, what="--checkpoint")
-        last = ckpt.get("history", [])[-1:] or [{}]
-        info = {"checkpoint": args.checkpoint, "format": ckpt["format"], "model": ckpt["model_name"],
-                "model_kwargs": ckpt["model_kwargs"], "epoch": ckpt["epoch"],
-                "params": sum(t.numel() for k, t in ckpt["model"].items() if not k.endswith(("_index", "attn_mask"))),
-                "class_names": ckpt["class_names"], "resumable": all(ckpt.get(k) is not None for k in
-                                                                    ("optimizer", "scheduler", "rng")),
-                "has_ema": ckpt.get("model_ema") is not None, "last_epoch_metrics": last[0], "config": ckpt["config"]}
+        info = _checkpoint_info(args.checkpoint)
         if args.json:
             print(json.dumps(info, indent=1, default=str))
         else:
@@ -305,6 +382,9 @@ def _info(args: argparse.Namespace, explicit: set[str]) -> int:
                 print(f"{k}: {v}")
         return 0
     models = list_models()
+    if args.models:
+        print("\n".join(models))
+        return 0
     info = {
         "deformattn": __version__, "torch": torch.__version__, "python": platform.python_version(),
         "cpu_threads": torch.get_num_threads(),

@@ -13,7 +13,6 @@ tolerance, 2 on a bad option.
 from __future__ import annotations
 
 import argparse
-import difflib
 import json
 import sys
 from pathlib import Path
@@ -80,15 +79,6 @@ def _configure_export(p: argparse.ArgumentParser) -> None:
     p.add_argument("--verbose", action="store_true", help="show the exporters' messages")
 
 
-def _unknown_model(name: str) -> ValueError:
-    from ..models import list_models
-
-    known = list_models()
-    close = difflib.get_close_matches(name, known, n=3)
-    hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-    return ValueError(f"--model: unknown model {name!r}.{hint} Known: {', '.join(known)}")
-
-
 def load_export_model(model: str | None, checkpoint: str | None, *, ema: bool = False,
                       seed: int = 0) -> tuple[Any, str, dict[str, Any]]:
     """``(model in eval mode, model name, checkpoint metadata)`` for ``--model`` / ``--checkpoint``.
@@ -97,20 +87,17 @@ def load_export_model(model: str | None, checkpoint: str | None, *, ema: bool = 
     """
     import torch
 
-    from ..models import create_model, is_model
-    from ..models.dat import read_checkpoint
+    from ..models import create_model, is_model, read_checkpoint
+    from ..models.registry import check_model_name
 
-    if model is not None and not is_model(model):
-        raise _unknown_model(model)
+    if model is not None:
+        check_model_name(model, argument="model")
     meta: dict[str, Any] = {}
     if checkpoint is not None:
         path = Path(checkpoint)
         if not path.is_file():
             raise ValueError(f"--checkpoint {checkpoint}: no such file")
-        try:
-            state, meta = read_checkpoint(path)
-        except (ValueError, TypeError) as exc:
-            raise ValueError(f"--checkpoint {checkpoint}: {exc}") from None
+        state, meta = read_checkpoint(path, argument="checkpoint")
         saved = meta.get("model_name")
         if model is None:
             if not saved:

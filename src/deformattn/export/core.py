@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import tempfile
 import time
 import warnings
 from collections import Counter
@@ -40,7 +39,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .._utils import check_float, check_int, optional_import, to_2tuple
+from .._utils import atomic_path, check_float, check_int, optional_import, to_2tuple
 from ..attention import DeformableAttention2d
 from ..functional import SAMPLERS
 
@@ -236,7 +235,7 @@ def export_model(
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(batch_size, C, H, W, generator=gen, dtype=dtype)
     try:
-        with _atomic_file(path) as tmp:
+        with atomic_path(path) as tmp:
             t0 = time.perf_counter()
             if fmt == "onnx":
                 data, info = _onnx_bytes(model, x, dynamic, opset, verbose, sampler)
@@ -299,28 +298,8 @@ def _check_cpu_float(model: nn.Module) -> torch.dtype:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# atomic file
+# file writing
 # ---------------------------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def _atomic_file(path: Path) -> Iterator[Path]:
-    """A temporary file next to ``path``; it replaces ``path`` when the block succeeds and is removed otherwise."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        yield tmp
-        # mkstemp creates the file 0600; give it the permissions of a file opened normally (0666 & ~umask)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-
-
 def _write_bytes(path: Path, data: bytes) -> None:
     with open(path, "wb") as f:
         f.write(data)

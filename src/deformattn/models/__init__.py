@@ -1,16 +1,8 @@
 """DAT / DAT++ backbones: the model, its registered variants, checkpoint loading and the official-code bridge."""
 from __future__ import annotations
 
-from .dat import (
-    DAT,
-    MODEL_CONFIGS,
-    TransformerStage,
-    check_state_dict,
-    checkpoint_filter_fn,
-    default_cfgs,
-    load_checkpoint,
-    read_checkpoint,
-)
+from ._helpers import CheckpointError, check_state_dict, load_checkpoint, read_checkpoint
+from .dat import DAT, MODEL_CONFIGS, TransformerStage, checkpoint_filter_fn, default_cfgs
 from .registry import (
     create_model,
     is_model,
@@ -21,6 +13,7 @@ from .registry import (
 )
 
 __all__ = [
+    "CheckpointError",
     "DAT",
     "MODEL_CONFIGS",
     "TransformerStage",

@@ -14,7 +14,8 @@ import torch
 
 from ..compat import native_kwargs_from_official
 from ..layers import NeighborhoodAttention2d
-from .dat import BLOCK_KINDS, DAT, NUM_STAGES, _unwrap, load_checkpoint
+from ._helpers import load_checkpoint, unwrap_state_dict
+from .dat import BLOCK_KINDS, DAT, NUM_STAGES
 
 __all__ = ["dat_kwargs_from_official", "backbone_from_official", "neighborhood_attention_from_official"]
 
@@ -167,7 +168,7 @@ def backbone_from_official(
     """
     model = DAT(**dat_kwargs_from_official(config, version))
     if state_dict is not None:
-        dtype = _float_dtype(_unwrap(state_dict))
+        dtype = _float_dtype(unwrap_state_dict(state_dict))
         if dtype is not None:
             model.to(dtype)
         load_checkpoint(model, state_dict, strict=True)

@@ -18,14 +18,12 @@ Module and parameter names are the official ones (``patch_proj``, ``stages.{i}.a
 ``stages.{i}.layer_norms.{2j}``, ``mlps``, ``layer_scales``, ``local_perception_units``, ``down_projs``,
 ``cls_norm``, ``cls_head``), so official checkpoints load without renaming.
 
-File order (timm's): blocks -> stage -> model -> checkpoint filter / loading -> builder -> pretrained cfgs ->
+File order (timm's): blocks -> stage -> model -> checkpoint filter -> builder -> pretrained cfgs ->
 registered variants.
 """
 from __future__ import annotations
 
 import math
-import warnings
-from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -49,6 +47,7 @@ from ..layers import (
     WindowAttention,
 )
 from ..layers.stem import conv_output_size
+from ._helpers import check_state_dict, clean_key, describe_report, unwrap_state_dict
 from .registry import register_model
 
 __all__ = [
@@ -56,9 +55,6 @@ __all__ = [
     "TransformerStage",
     "BLOCK_KINDS",
     "checkpoint_filter_fn",
-    "read_checkpoint",
-    "check_state_dict",
-    "load_checkpoint",
     "default_cfgs",
     "MODEL_CONFIGS",
 ]
@@ -427,7 +423,7 @@ class DAT(nn.Module):
         variant would leave the model half overwritten. Here it raises torch's ``RuntimeError`` (listing the
         missing, unexpected and shape-mismatched keys; missing / unexpected ones only with ``strict``) and the model
         is unchanged. Official checkpoints (``module.`` prefixes, other resolutions) go through
-        :func:`load_checkpoint`.
+        :func:`~deformattn.models.load_checkpoint`.
         """
         if not isinstance(state_dict, Mapping):
             raise TypeError(f"Expected state_dict to be dict-like, got {type(state_dict).__name__}.")
@@ -443,7 +439,7 @@ class DAT(nn.Module):
             hint = ""
             if any(clean_key(k) != k for k in state_dict):
                 hint = " (keys carry a 'module.' / '_orig_mod.' prefix: deformattn.models.load_checkpoint strips it)"
-            described = _describe(report)
+            described = describe_report(report)
             problems = [described] if described else []
             if not_tensors:
                 problems.append(f"{len(not_tensors)} key(s) not holding a tensor: {', '.join(not_tensors[:8])}")
@@ -608,31 +604,9 @@ def _take_indices(num: int, indices: int | Sequence[int] | None) -> tuple[list[i
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# checkpoints: official format -> ours, validation, loading
+# checkpoint filter: official format -> ours (reading, checking, loading: models/_helpers.py)
 # ---------------------------------------------------------------------------------------------------------------
 _DERIVED_BUFFERS = ("relative_position_index", "attn_mask")  # recomputed from the geometry, never loaded
-_STRIP_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel, torch.compile
-
-
-def clean_key(key: str) -> str:
-    """A state_dict key without wrapper prefixes (``module.`` of DistributedDataParallel, ``_orig_mod.`` of
-    ``torch.compile``)."""
-    changed = True
-    while changed:
-        changed = False
-        for prefix in _STRIP_PREFIXES:
-            if key.startswith(prefix):
-                key, changed = key[len(prefix):], True
-    return key
-
-
-def _unwrap(checkpoint: Mapping[str, Any]) -> Mapping[str, Any]:
-    """The state_dict inside an official / training checkpoint dict (``"model"`` or ``"state_dict"``)."""
-    for key in ("model", "state_dict"):
-        inner = checkpoint.get(key)
-        if isinstance(inner, Mapping) and any(torch.is_tensor(v) for v in inner.values()):
-            return inner
-    return checkpoint
 
 
 def _resize_table(value: Tensor, shape: torch.Size, key: str) -> Tensor:
@@ -654,9 +628,10 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: DAT) -> dict[str,
     Unwraps ``{"model": ...}`` / ``{"state_dict": ...}``, strips ``module.`` / ``_orig_mod.`` prefixes, replaces the
     derived buffers (``relative_position_index``, ``attn_mask``) by the model's own, and resizes relative position
     tables (``relative_position_bias_table``, table-kind ``rpe_table``) bicubically when the checkpoint was made at
-    another resolution or window size. Keys that do not fit are passed through for :func:`check_state_dict`.
+    another resolution or window size. Keys that do not fit are passed through for
+    :func:`~deformattn.models._helpers.check_state_dict`; reading files and loading live in ``models/_helpers.py``.
     """
-    state_dict = _unwrap(state_dict)
+    state_dict = unwrap_state_dict(state_dict)
     own = model.state_dict()
     out: dict[str, Tensor] = {}
     for key, value in state_dict.items():
@@ -673,122 +648,6 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: DAT) -> dict[str,
                     value = _resize_table(value, own[key].shape, key)
         out[key] = value
     return out
-
-
-def read_checkpoint(path: str | Path, *, weights_only: bool = True) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """Read a checkpoint file: returns ``(state_dict, metadata)``.
-
-    Accepts a bare state_dict, an official checkpoint (state_dict under ``"model"``) and the library's training
-    checkpoints (``{"model": state_dict, "model_name": ..., "model_kwargs": ..., ...}``); ``metadata`` holds the
-    other top-level entries. ``weights_only=True`` refuses pickled objects; pass False only for trusted files.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"read_checkpoint: checkpoint_path {str(path)!r} is not a file")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=weights_only)
-    except Exception as exc:  # pickle errors carry the offending global in their message
-        if weights_only:
-            raise ValueError(
-                f"read_checkpoint: {str(path)!r} holds more than tensors and plain containers ({exc}). If you trust "
-                "the file, pass checkpoint_weights_only=False to create_model (or weights_only=False to "
-                "deformattn.models.load_checkpoint)."
-            ) from exc
-        raise
-    if not isinstance(obj, Mapping):
-        raise TypeError(f"read_checkpoint: {str(path)!r} holds a {type(obj).__name__}, expected a dict / state_dict")
-    inner = _unwrap(obj)
-    meta = {} if inner is obj else {k: v for k, v in obj.items() if v is not inner}
-    return dict(inner), meta
-
-
-def check_state_dict(model: nn.Module, state_dict: Mapping[str, Any]) -> dict[str, list]:
-    """Compare a (filtered) state_dict with the model's: ``{"missing", "unexpected", "mismatched"}`` lists
-    (``mismatched`` holds ``(key, checkpoint_shape, model_shape)``)."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in own or not torch.is_tensor(state_dict[k])]
-    mismatched = [
-        (k, tuple(v.shape), tuple(own[k].shape))
-        for k, v in state_dict.items()
-        if k in own and torch.is_tensor(v) and v.shape != own[k].shape
-    ]
-    return {"missing": missing, "unexpected": unexpected, "mismatched": mismatched}
-
-
-def _describe(report: dict[str, list], limit: int = 8) -> str:
-    """One line per kind of problem, at most ``limit`` keys each."""
-    parts = []
-    for name in ("missing", "unexpected", "mismatched"):
-        items = report[name]
-        if not items:
-            continue
-        if name == "mismatched":
-            shown = [f"{k} (checkpoint {c} vs model {m})" for k, c, m in items[:limit]]
-        else:
-            shown = list(items[:limit])
-        more = f", ... and {len(items) - limit} more" if len(items) > limit else ""
-        parts.append(f"{len(items)} {name} key(s): " + ", ".join(shown) + more)
-    return "; ".join(parts)
-
-
-def load_checkpoint(
-    model: DAT,
-    checkpoint: str | Path | Mapping[str, Any],
-    *,
-    strict: bool = True,
-    weights_only: bool = True,
-    skip_mismatched_head: bool = False,
-) -> dict[str, list]:
-    """Load an official or own checkpoint (path or dict) into ``model``, all or nothing.
-
-    The checkpoint goes through :func:`checkpoint_filter_fn`; then every key and shape is checked *before*
-    anything is copied, so a checkpoint of another variant raises a ``ValueError`` that lists the missing,
-    unexpected and shape-mismatched keys and leaves the model untouched.
-
-    Args:
-        strict: with False, missing / unexpected keys are tolerated (shape mismatches never are).
-        weights_only: see :func:`read_checkpoint`.
-        skip_mismatched_head: leave ``cls_head`` at its initialisation when its shape differs (fine-tuning to
-            another number of classes); a warning says so.
-
-    Returns:
-        The report of :func:`check_state_dict` after filtering (all lists empty for a full load).
-    """
-    meta: dict[str, Any] = {}
-    if isinstance(checkpoint, (str, Path)):
-        state_dict, meta = read_checkpoint(checkpoint, weights_only=weights_only)
-    elif isinstance(checkpoint, Mapping):
-        state_dict = dict(_unwrap(checkpoint))
-        meta = {k: v for k, v in checkpoint.items() if k in ("model_name", "model_kwargs")}
-    else:
-        raise TypeError(f"load_checkpoint: checkpoint must be a path or a dict, got {type(checkpoint).__name__}")
-    state_dict = checkpoint_filter_fn(state_dict, model)
-    report = check_state_dict(model, state_dict)
-    if skip_mismatched_head and report["mismatched"]:
-        head = [m for m in report["mismatched"] if m[0].startswith("cls_head.")]
-        if head:
-            warnings.warn(
-                f"load_checkpoint: classifier shape differs (checkpoint {head[0][1]} vs model {head[0][2]}); "
-                "cls_head keeps its initialisation",
-                stacklevel=2,
-            )
-            for k, _, _ in head:
-                state_dict.pop(k)
-            report = check_state_dict(model, state_dict)
-            report["missing"] = [k for k in report["missing"] if not k.startswith("cls_head.")]
-    if report["mismatched"] or (strict and (report["missing"] or report["unexpected"])):
-        source = f" (saved from {meta['model_name']!r})" if meta.get("model_name") else ""
-        name = getattr(model, "pretrained_cfg", {}).get("architecture") or type(model).__name__
-        raise ValueError(
-            f"load_checkpoint: the checkpoint{source} does not fit model {name!r}; nothing was loaded. "
-            f"{_describe(report)}"
-        )
-    if report["unexpected"]:
-        for k in report["unexpected"]:
-            state_dict.pop(k)
-    model.load_state_dict(state_dict, strict=not (report["missing"] or skip_mismatched_head))
-    return report
 
 
 # ---------------------------------------------------------------------------------------------------------------

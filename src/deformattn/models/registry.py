@@ -13,11 +13,15 @@ from typing import Any, Callable
 
 import torch.nn as nn
 
+from .._utils import InvalidArgumentError
+from ._helpers import clean_key, load_checkpoint, read_checkpoint
+
 __all__ = [
     "register_model",
     "list_models",
     "is_model",
     "model_entrypoint",
+    "check_model_name",
     "create_model",
     "timm_register",
     "PretrainedWeightsUnavailableError",
@@ -48,17 +52,23 @@ def is_model(name: str) -> bool:
     return name in _model_entrypoints
 
 
-def model_entrypoint(name: str) -> Callable[..., nn.Module]:
-    """The builder of a registered variant; a ``ValueError`` with close matches otherwise."""
+def check_model_name(name: Any, argument: str = "model_name") -> str:
+    """``name`` if it is a registered variant; else a ``TypeError`` / ``ValueError`` (an
+    :class:`~deformattn._utils.InvalidArgumentError` naming ``argument``) with close matches and the list."""
     _ensure_registered()
     if not isinstance(name, str):
-        raise TypeError(f"create_model: model_name must be a str, got {type(name).__name__}")
+        raise TypeError(f"{argument} must be a str, got {type(name).__name__}")
     if name not in _model_entrypoints:
         close = difflib.get_close_matches(name, list(_model_entrypoints), n=3)
         hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
         known = ", ".join(sorted(_model_entrypoints))
-        raise ValueError(f"create_model: unknown model_name {name!r}.{hint} Known: {known}")
-    return _model_entrypoints[name]
+        raise InvalidArgumentError(argument, f"unknown model {name!r}.{hint} Registered models: {known}")
+    return name
+
+
+def model_entrypoint(name: str) -> Callable[..., nn.Module]:
+    """The builder of a registered variant; a ``ValueError`` with close matches otherwise."""
+    return _model_entrypoints[check_model_name(name)]
 
 
 class PretrainedWeightsUnavailableError(RuntimeError, ValueError):
@@ -100,8 +110,9 @@ def create_model(
             ``ValueError`` listing the keys / shapes that differ, and nothing is loaded.
         num_classes, img_size: the usual overrides (``img_size`` sizes the position tables; any input size runs).
         checkpoint_weights_only: read the checkpoint with ``torch.load(weights_only=True)`` (tensors and plain
-            containers only). Checkpoints that pickle other objects (e.g. a yacs config saved by the official
-            training script) need False; use it only for files you trust.
+            containers only). Intact checkpoints that pickle other objects (e.g. a yacs config saved by the official
+            training script) need False; use it only for files you trust. A truncated or damaged file raises a
+            :class:`~deformattn.models.CheckpointError` that says so, whatever this flag.
         **overrides: any other :class:`~deformattn.models.DAT` argument (``drop_path_rate``, ``backend``, ...).
 
     Returns:
@@ -114,8 +125,6 @@ def create_model(
     state_dict = None
     meta: dict[str, Any] = {}
     if checkpoint_path is not None:
-        from .dat import clean_key, read_checkpoint
-
         state_dict, meta = read_checkpoint(checkpoint_path, weights_only=checkpoint_weights_only)
         saved_name = meta.get("model_name")
         saved_kwargs = meta.get("model_kwargs")
@@ -131,8 +140,6 @@ def create_model(
     kwargs.update(overrides)
     model = fn(pretrained=False, **kwargs)
     if state_dict is not None:
-        from .dat import load_checkpoint
-
         load_checkpoint(model, {"model": state_dict, **meta}, skip_mismatched_head=num_classes is not None)
         if isinstance(getattr(model, "pretrained_cfg", None), dict):
             model.pretrained_cfg["file"] = str(checkpoint_path)

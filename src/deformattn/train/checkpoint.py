@@ -15,19 +15,19 @@ Everything in it is a tensor or a plain container, so ``torch.load(..., weights_
 """
 from __future__ import annotations
 
-import os
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .._utils import atomic_write, atomic_write_text
+from ..models._helpers import CheckpointError, safe_load
+
 __all__ = [
     "FORMAT",
     "CheckpointError",
-    "atomic_write",
-    "atomic_write_text",
     "capture_rng_state",
     "load_checkpoint_file",
     "restore_rng_state",
@@ -39,76 +39,39 @@ REQUIRED_KEYS = ("model", "model_name", "model_kwargs", "epoch", "config", "clas
 TRAINING_STATE_KEYS = ("optimizer", "scheduler", "scaler", "rng")
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read or does not belong to this run (corrupt, truncated, other model...)."""
-
-
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
-    """Write ``path`` through ``write(tmp)`` on a temporary file in the same folder, then ``os.replace``: a reader
-    (or a run killed half-way) sees the old file or the new one, never a partial one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
-
-
 def save_checkpoint(path: str | Path, checkpoint: Mapping[str, Any]) -> None:
     """Atomically ``torch.save`` a checkpoint dict (``"format"`` is filled in)."""
     obj = {"format": FORMAT, **checkpoint}
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
-def load_checkpoint_file(path: str | Path, *, what: str = "--checkpoint", training_state: bool = False) -> dict:
-    """Read and check a training checkpoint; every failure is a :class:`CheckpointError` (or FileNotFoundError)
-    that names ``what`` (the argument it came from) and the file.
+def load_checkpoint_file(path: str | Path, *, argument: str = "checkpoint", training_state: bool = False) -> dict:
+    """Read and check a training checkpoint (through the package's one reader,
+    :func:`deformattn.models._helpers.safe_load`, weights only); every failure is a :class:`CheckpointError` (or
+    FileNotFoundError) that names ``argument`` and the file.
 
     Args:
-        training_state: also require the optimizer / scheduler / scaler / RNG states (``--resume``).
+        training_state: also require the optimizer / scheduler / scaler / RNG states (``resume``).
     """
+    obj = safe_load(path, argument=argument)
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{what}: checkpoint {str(path)!r} does not exist")
-    if not path.is_file():
-        raise CheckpointError(f"{what}: {str(path)!r} is not a file")
-    if path.stat().st_size == 0:
-        raise CheckpointError(f"{what}: checkpoint {str(path)!r} is empty (0 bytes): corrupt or truncated")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # zip / pickle errors of a damaged file, or foreign pickled objects
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(
-            f"{what}: cannot read checkpoint {str(path)!r}: the file is corrupt, truncated or not a PyTorch "
-            f"checkpoint of plain tensors ({type(exc).__name__}: {first[:200]})"
-        ) from None
     if not isinstance(obj, dict):
-        raise CheckpointError(
-            f"{what}: {str(path)!r} holds a {type(obj).__name__}, not a deformattn training checkpoint"
-        )
+        raise CheckpointError(argument, f"{str(path)!r} holds a {type(obj).__name__}, not a deformattn training "
+                                        "checkpoint")
     if obj.get("format") != FORMAT:
         hint = (" (it looks like a bare state_dict or an official checkpoint: load it with "
                 "create_model(name, checkpoint_path=...))")
         raise CheckpointError(
-            f"{what}: {str(path)!r} is not a deformattn training checkpoint: format {obj.get('format')!r}, expected "
-            f"{FORMAT!r}{hint if 'format' not in obj else ''}"
+            argument, f"{str(path)!r} is not a deformattn training checkpoint: format {obj.get('format')!r}, "
+                      f"expected {FORMAT!r}{hint if 'format' not in obj else ''}"
         )
     needed = REQUIRED_KEYS + (TRAINING_STATE_KEYS if training_state else ())
     missing = [k for k in needed if k not in obj or obj[k] is None]
     if missing:
         extra = " (a weights-only export such as best.pt cannot be resumed; use last.pt)" if training_state else ""
-        raise CheckpointError(f"{what}: checkpoint {str(path)!r} lacks {', '.join(missing)}{extra}")
+        raise CheckpointError(argument, f"checkpoint {str(path)!r} lacks {', '.join(missing)}{extra}")
     if not isinstance(obj["model"], Mapping) or not all(torch.is_tensor(v) for v in obj["model"].values()):
-        raise CheckpointError(f"{what}: checkpoint {str(path)!r}: 'model' is not a state_dict of tensors")
+        raise CheckpointError(argument, f"checkpoint {str(path)!r}: 'model' is not a state_dict of tensors")
     return obj
 
 

@@ -30,9 +30,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler
 from torch.utils.data.distributed import DistributedSampler
 
+from .._utils import atomic_write_text
+from ..models.registry import check_model_name
 from .checkpoint import (
     CheckpointError,
-    atomic_write_text,
     capture_rng_state,
     load_checkpoint_file,
     restore_rng_state,
@@ -51,25 +52,13 @@ from .distributed import (
 )
 from .progress import Progress, format_seconds
 
-__all__ = ["ModelEma", "ShardSampler", "check_model_name", "cosine_schedule", "evaluate", "param_groups", "train"]
+__all__ = ["ModelEma", "ShardSampler", "cosine_schedule", "evaluate", "param_groups", "train"]
 
 METRIC_FIELDS = ("epoch", "lr", "train_loss", "train_acc", "eval_loss", "eval_acc", "eval_top5", "ema_eval_loss",
                  "ema_eval_acc", "ema_eval_top5", "epoch_seconds", "images_per_second", "elapsed")
 
 
 # -- building blocks -------------------------------------------------------------------------------------------
-def check_model_name(name: str, flag: str = "--model") -> None:
-    from ..models import list_models
-
-    names = list_models()
-    if name not in names:
-        import difflib
-
-        close = difflib.get_close_matches(name, names, n=3)
-        hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-        raise ValueError(f"{flag}: unknown model {name!r}.{hint} Registered: {', '.join(names)}")
-
-
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """AdamW groups: weight decay on weight matrices / kernels only, never on biases, norm scales (1-D) or the names
     the model lists in ``no_weight_decay()`` (relative position-bias tables)."""
@@ -180,11 +169,11 @@ def _resolve_resume(config: TrainConfig, explicit: set[str]) -> tuple[TrainConfi
             return config, None, None
     else:
         path = Path(config.resume)
-    ckpt = load_checkpoint_file(path, what="--resume", training_state=True)
+    ckpt = load_checkpoint_file(path, argument="resume", training_state=True)
     try:
         saved = TrainConfig.from_dict(ckpt["config"], source=f"--resume {str(path)!r}: config")
     except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"--resume: checkpoint {str(path)!r} holds an unusable config ({exc})") from None
+        raise CheckpointError("resume", f"checkpoint {str(path)!r} holds an unusable config ({exc})") from None
     conflicts = [
         f"--{k.replace('_', '-')} {getattr(config, k)!r} (checkpoint: {getattr(saved, k)!r})"
         for k in sorted(explicit)
@@ -193,7 +182,7 @@ def _resolve_resume(config: TrainConfig, explicit: set[str]) -> tuple[TrainConfi
     ]
     if conflicts:
         raise CheckpointError(
-            f"--resume: checkpoint {str(path)!r} belongs to another run: {'; '.join(conflicts)}. Only "
+            "resume", f"checkpoint {str(path)!r} belongs to another run: {'; '.join(conflicts)}. Only "
             f"{', '.join('--' + k.replace('_', '-') for k in sorted(RESUMABLE_CHANGES))} may change when resuming"
         )
     merged = saved.to_dict()
@@ -243,7 +232,7 @@ def train(config: TrainConfig, *, explicit: set[str] | None = None) -> dict[str,
     if explicit is None:
         default = TrainConfig()
         explicit = {k for k in TrainConfig.field_names() if getattr(config, k) != getattr(default, k)}
-    check_model_name(config.model)
+    check_model_name(config.model, argument="--model")  # TrainConfig names its fields by their flags
     env = init_distributed(config.device)
     threads_before = torch.get_num_threads()
     torch.set_num_threads(choose_threads(config.threads, env, small_model=config.data is None))
@@ -278,10 +267,10 @@ def _train(config: TrainConfig, explicit: set[str], env: DistEnv, session_start:
         try:
             model.load_state_dict(ckpt["model"])
         except RuntimeError as exc:
-            raise CheckpointError(f"--resume: the weights in {str(resume_path)!r} do not fit {config.model} "
+            raise CheckpointError("resume", f"the weights in {str(resume_path)!r} do not fit {config.model} "
                                   f"({str(exc).splitlines()[0]})") from None
         if ckpt.get("class_names") != splits.class_names:
-            raise CheckpointError(f"--resume: checkpoint {str(resume_path)!r} was trained on classes "
+            raise CheckpointError("resume", f"checkpoint {str(resume_path)!r} was trained on classes "
                                   f"{ckpt.get('class_names')}, the data has {splits.class_names}")
     model.to(env.device)
     num_params = sum(p.numel() for p in model.parameters())
@@ -327,13 +316,13 @@ def _train(config: TrainConfig, explicit: set[str], env: DistEnv, session_start:
             scaler.load_state_dict(ckpt["scaler"])
             if ema is not None:
                 if ckpt.get("model_ema") is None:
-                    raise CheckpointError("--resume: --ema is on but the checkpoint has no EMA weights")
+                    raise CheckpointError("resume", "ema is on but the checkpoint has no EMA weights")
                 ema.module.load_state_dict(ckpt["model_ema"])
                 ema.updates = int(ckpt.get("ema_updates", 0))
         except (RuntimeError, ValueError, KeyError) as exc:
             if isinstance(exc, CheckpointError):
                 raise
-            raise CheckpointError(f"--resume: cannot restore the training state from {str(resume_path)!r} "
+            raise CheckpointError("resume", f"cannot restore the training state from {str(resume_path)!r} "
                                   f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
         start_epoch = int(ckpt["epoch"])
         history = list(ckpt.get("history", []))[:start_epoch]

@@ -9,11 +9,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from .._utils import InvalidArgumentError
 from .checkpoint import CheckpointError, load_checkpoint_file
 from .config import TrainConfig
 from .data import DataSpec, build_splits, load_images
 from .distributed import DistEnv, resolve_device
-from .engine import check_model_name, evaluate
+from ..models.registry import check_model_name
+from .engine import evaluate
 
 __all__ = ["evaluate_checkpoint", "load_trained_model", "predict_images"]
 
@@ -23,23 +25,23 @@ def load_trained_model(checkpoint: str | Path, *, ema: bool = False, device: str
     """``(model in eval mode, checkpoint dict, data spec)`` of a training checkpoint (``ema``: the EMA weights)."""
     from ..models import create_model
 
-    ckpt = load_checkpoint_file(checkpoint, what="--checkpoint")
+    ckpt = load_checkpoint_file(checkpoint, argument="checkpoint")
     name = ckpt["model_name"]
     try:
-        check_model_name(name, flag=f"--checkpoint {str(checkpoint)!r}: saved model_name")
+        check_model_name(name, argument="model_name")
     except ValueError as exc:
-        raise CheckpointError(str(exc)) from None
+        raise CheckpointError("checkpoint", f"{str(checkpoint)!r} holds {exc}") from None
     model = create_model(name, **ckpt["model_kwargs"])
     state = ckpt.get("model_ema") if ema else ckpt["model"]
     if state is None:
-        raise CheckpointError(f"--ema: checkpoint {str(checkpoint)!r} has no EMA weights (trained without --ema)")
+        raise CheckpointError("ema", f"checkpoint {str(checkpoint)!r} has no EMA weights (trained without EMA)")
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
-        raise CheckpointError(f"--checkpoint: the weights in {str(checkpoint)!r} do not fit {name} with "
+        raise CheckpointError("checkpoint", f"the weights in {str(checkpoint)!r} do not fit {name} with "
                               f"{ckpt['model_kwargs']} ({str(exc).splitlines()[0]})") from None
     if "data" not in ckpt:
-        raise CheckpointError(f"--checkpoint: {str(checkpoint)!r} lacks the 'data' preprocessing description")
+        raise CheckpointError("checkpoint", f"{str(checkpoint)!r} lacks the 'data' preprocessing description")
     dev = resolve_device(device)
     return model.to(dev).eval(), ckpt, DataSpec.from_dict(ckpt["data"])
 
@@ -50,7 +52,7 @@ def evaluate_checkpoint(checkpoint: str | Path, *, split: str | None = None, dat
     """Loss, top-1 and top-5 of a checkpoint on ``split`` (default: the split it was evaluated on in training) of
     its training data, or of another ImageFolder root ``data`` with the same classes."""
     if batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+        raise InvalidArgumentError("batch_size", f"must be >= 1, got {batch_size}")
     model, ckpt, spec = load_trained_model(checkpoint, ema=ema, device=device)
     values = dict(ckpt["config"])
     values.update(max_train_samples=None, max_eval_samples=max_samples, workers=workers, resume=None)
@@ -59,7 +61,7 @@ def evaluate_checkpoint(checkpoint: str | Path, *, split: str | None = None, dat
     config = TrainConfig.from_dict(values, source=f"--checkpoint {str(checkpoint)!r}: config")
     splits = build_splits(config, eval_split=split, train=False)
     if splits.class_names != ckpt["class_names"]:
-        raise ValueError(f"--data: the classes {splits.class_names} differ from the checkpoint's {ckpt['class_names']}")
+        raise InvalidArgumentError("data", f"the classes {splits.class_names} differ from the checkpoint's {ckpt['class_names']}")
     dev = next(model.parameters()).device
     loader = DataLoader(splits.eval, batch_size=batch_size, shuffle=False,
                         num_workers=workers if spec.kind != "digits" else 0)
@@ -74,9 +76,9 @@ def predict_images(checkpoint: str | Path, images: Sequence[str | Path], *, topk
                    device: str = "auto", batch_size: int = 64) -> list[dict[str, Any]]:
     """For each image: ``{"image": path, "top": [(class_name, probability), ...]}`` (``topk`` classes, best first)."""
     if topk < 1:
-        raise ValueError(f"--topk must be >= 1, got {topk}")
+        raise InvalidArgumentError("topk", f"must be >= 1, got {topk}")
     if not images:
-        raise ValueError("predict: give at least one IMAGE")
+        raise InvalidArgumentError("images", "give at least one image file")
     model, ckpt, spec = load_trained_model(checkpoint, ema=ema, device=device)
     dev = next(model.parameters()).device
     names = ckpt["class_names"]

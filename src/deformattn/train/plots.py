@@ -15,7 +15,7 @@ def plot_history(history: Sequence[dict[str, Any]], path: str | Path, *, title: 
     matplotlib = optional_import("matplotlib", "train", "Plotting training curves")
     matplotlib.use("Agg", force=True)
     plt = optional_import("matplotlib.pyplot", "train", "Plotting training curves")
-    from .checkpoint import atomic_write
+    from .._utils import atomic_write
 
     epochs = [row["epoch"] for row in history]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))

@@ -28,17 +28,16 @@ DEFAULT_VIZ_MODEL = "dat_nano"
 # ---------------------------------------------------------------------------------------------------------------
 def _load_model(args: argparse.Namespace):
     """``(model, name, weights description, checkpoint metadata)`` from ``--checkpoint`` or ``--model``."""
-    from ..models import create_model
-    from ..models.dat import read_checkpoint
+    from ..models import CheckpointError, create_model, read_checkpoint
 
     if args.checkpoint:
-        _, meta = read_checkpoint(args.checkpoint)
+        _, meta = read_checkpoint(args.checkpoint, argument="checkpoint")
         name = meta.get("model_name")
         if not name:
-            raise ValueError(
-                f"--checkpoint {args.checkpoint}: the checkpoint does not say which model it holds (no 'model_name'; "
-                "checkpoints of `deformattn train` do). Build the model with create_model(name, checkpoint_path=...) "
-                "and call deformattn.viz.visualize instead"
+            raise CheckpointError(
+                "checkpoint", f"{args.checkpoint!r} does not say which model it holds (no 'model_name'; checkpoints "
+                "of `deformattn train` do). Build the model with create_model(name, checkpoint_path=...) and call "
+                "deformattn.viz.visualize instead"
             )
         model = create_model(name, checkpoint_path=args.checkpoint)
         return model, name, f"weights from {Path(args.checkpoint).name}", meta
