@@ -550,3 +550,108 @@ def test_state_dict_loading_semantics_otherwise_unchanged():
     before = _snapshot(v1)
     v1.load_state_dict(other, strict=False)
     assert _unchanged(v1, before)
+
+
+# -- bad checkpoint files: one diagnosis at every entry point -------------------------------------------------------
+TRUST_WORDS = ("weights_only", "trust", "Re-running", "unpickl")  # advice that belongs to intact pickling files only
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory) -> dict[str, Path]:
+    """A real training checkpoint and the three kinds of bad file: random bytes, the real file cut in half, and the
+    real file with a pickled Python object in it (intact, but not weights-only readable)."""
+    import argparse
+
+    from deformattn.train.checkpoint import save_checkpoint
+
+    folder = tmp_path_factory.mktemp("bad_checkpoints")
+    model = create_model("dat_nano", num_classes=10)
+    ckpt = {"model": model.state_dict(), "model_name": "dat_nano", "model_kwargs": {"num_classes": 10},
+            "class_names": [str(i) for i in range(10)], "config": {}, "epoch": 1}
+    good = folder / "good.pt"
+    save_checkpoint(good, ckpt)
+    data = good.read_bytes()
+    noise = torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    (folder / "random.pt").write_bytes(bytes(noise.tolist()))
+    (folder / "truncated.pt").write_bytes(data[: len(data) // 2])
+    save_checkpoint(folder / "pickled.pt", {**ckpt, "args": argparse.Namespace(lr=1e-3)})
+    return {"random": folder / "random.pt", "truncated": folder / "truncated.pt", "pickled": folder / "pickled.pt"}
+
+
+def _check_diagnosis(kind: str, message: str) -> None:
+    if kind == "pickled":
+        assert "argparse.Namespace" in message and "intact" in message and "trust" in message, message
+    else:
+        assert any(w in message for w in ("truncated", "damaged", "not a PyTorch checkpoint")), message
+        assert not any(w in message for w in TRUST_WORDS), message
+
+
+def _api_entry_points():
+    from deformattn.export.cli import load_export_model
+    from deformattn.models import read_checkpoint
+    from deformattn.train import evaluate_checkpoint, load_checkpoint_file, predict_images
+
+    return {
+        "create_model": lambda p: create_model("dat_nano", checkpoint_path=p),
+        "load_checkpoint": lambda p: load_checkpoint(create_model("dat_nano"), p),
+        "read_checkpoint": lambda p: read_checkpoint(p),
+        "load_checkpoint_file": lambda p: load_checkpoint_file(p, argument="resume", training_state=True),
+        "evaluate_checkpoint": lambda p: evaluate_checkpoint(p),
+        "predict_images": lambda p: predict_images(p, ["digit.png"]),
+        "load_export_model": lambda p: load_export_model(None, str(p)),
+    }
+
+
+@pytest.mark.parametrize("kind", ["random", "truncated", "pickled"])
+@pytest.mark.parametrize("entry", ["create_model", "load_checkpoint", "read_checkpoint", "load_checkpoint_file",
+                                   "evaluate_checkpoint", "predict_images", "load_export_model"])
+def test_bad_checkpoint_file_api(bad_files, kind, entry):
+    from deformattn.models import CheckpointError
+
+    if entry in ("evaluate_checkpoint", "predict_images"):
+        pytest.importorskip("sklearn")
+    with pytest.raises(CheckpointError) as info:
+        _api_entry_points()[entry](bad_files[kind])
+    _check_diagnosis(kind, str(info.value))
+    assert bool(info.value.pickled_objects) == (kind == "pickled")
+    assert not str(info.value).startswith("--"), "library errors name arguments, not flags"
+
+
+@pytest.mark.parametrize("kind", ["random", "truncated", "pickled"])
+@pytest.mark.parametrize("command", [
+    ["eval", "--checkpoint", "{}"], ["predict", "--checkpoint", "{}", "digit.png"], ["info", "--checkpoint", "{}"],
+    ["viz", "--checkpoint", "{}", "--output", "{out}/viz.png"],
+    ["export", "--checkpoint", "{}", "--format", "onnx", "--output", "{out}/model.onnx"],
+    ["train", "--resume", "{}", "--output-dir", "{out}/run"],
+])
+def test_bad_checkpoint_file_cli(bad_files, kind, command, tmp_path, capsys):
+    from deformattn.cli import main
+
+    if command[0] in ("eval", "predict", "train"):
+        pytest.importorskip("sklearn")
+    flag = command[1]
+    argv = [a.format(str(bad_files[kind]), out=tmp_path) for a in command]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"deformattn {command[0]}: error: {flag}: ") and "\n" not in err, err
+    assert err.count(f"deformattn {command[0]}") == 1, err
+    _check_diagnosis(kind, err)
+    if kind == "pickled":  # the remedy the command line can offer: convert a trusted file once in Python
+        assert "weights_only=False" in err
+    assert not list(tmp_path.rglob("*.png")) and not list(tmp_path.rglob("*.onnx"))
+
+
+def test_checkpoint_with_a_damaged_member_is_refused(bad_files, tmp_path):
+    """torch.load does not check CRCs: a flipped byte in the tensor data would load as silently wrong weights."""
+    from deformattn.models import CheckpointError, read_checkpoint
+    from deformattn.train.checkpoint import save_checkpoint
+
+    path = tmp_path / "flipped.pt"
+    save_checkpoint(path, {"model": {"w": torch.randn(64, 64)}})
+    data = bytearray(path.read_bytes())
+    at = data.index(b"data/0") + 200  # inside the stored tensor bytes
+    data[at] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="CRC") as info:
+        read_checkpoint(path)
+    _check_diagnosis("damaged", str(info.value))
