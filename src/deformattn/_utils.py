@@ -119,3 +119,41 @@ def optional_import(module: str, extra: str, feature: str):
         raise ImportError(
             f"{feature} needs the optional package '{module}'. Install it with: pip install 'deformattn[{extra}]'"
         ) from exc
+
+
+def format_elapsed(seconds: float) -> str:
+    """``"42.0 s"`` below a minute, ``"3 min 05 s"`` above."""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes} min {secs:02d} s"
+
+
+@contextlib.contextmanager
+def elapsed_progress(what: str, *, every_s: float = 10.0, stream: Any = None) -> Iterator[None]:
+    """Progress of a long step on ``stream`` (stderr): ``what ...`` at the start, the elapsed time every ``every_s``
+    seconds while it runs, and ``what: done in T`` (or ``failed after T``) at the end."""
+    import sys
+    import threading
+    import time
+
+    stream = stream or sys.stderr
+    start = time.perf_counter()
+    stop = threading.Event()
+    print(f"{what} ...", file=stream, flush=True)
+
+    def beat() -> None:
+        while not stop.wait(every_s):
+            print(f"  {what}: {format_elapsed(time.perf_counter() - start)} elapsed", file=stream, flush=True)
+
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    ok = False
+    try:
+        yield
+        ok = True
+    finally:
+        stop.set()
+        thread.join()
+        status = "done in" if ok else "failed after"
+        print(f"{what}: {status} {format_elapsed(time.perf_counter() - start)}", file=stream, flush=True)

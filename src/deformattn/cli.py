@@ -281,6 +281,9 @@ def _predict(args: argparse.Namespace, explicit: set[str]) -> int:
     from .train import predict_images
 
     results = predict_images(_require_checkpoint(args), args.images, topk=args.topk, ema=args.ema, device=args.device)
+    for r in results:
+        if r.get("warning"):
+            print(f"deformattn predict: warning: {r['warning']}", file=sys.stderr)
     if args.json:
         print(json.dumps([{"image": r["image"], "top": [{"class": c, "probability": p} for c, p in r["top"]]}
                           for r in results], indent=1))
@@ -408,6 +411,25 @@ def _info(args: argparse.Namespace, explicit: set[str]) -> int:
         size = cfg["input_size"][-1]
         extra = f"  {cfg['params_m']}M params, ImageNet top-1 {cfg['top1']}" if cfg["top1"] else ""
         print(f"  {m:<18} input {size}x{size}{extra}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# samples
+# ------------------------------------------------------------------------------------------------------------------
+def _configure_samples(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--output-dir", metavar="DIR", default=".", help="where to write them (default: here)")
+
+
+@register_command("samples", help="write the sample images that ship with the package (digit.png, photo.jpg)",
+                  configure=_configure_samples,
+                  description="Write the package's sample images into --output-dir: digit.png (a scikit-learn test "
+                              "digit, light on dark, for 'deformattn predict') and photo.jpg (for 'deformattn viz').")
+def _samples(args: argparse.Namespace, explicit: set[str]) -> int:
+    from . import samples
+
+    for path in samples.copy_to(args.output_dir):
+        print(path)
     return 0
 
 

@@ -47,6 +47,10 @@ def _non_negative_float(text: str) -> float:
 def _configure_export(p: argparse.ArgumentParser) -> None:
     from .core import DEFAULT_OPSET, FORMATS, MIN_OPSET
 
+    # --format and --output are required, but may come from --config: checked after parsing, shown as required here
+    p.usage = (f"deformattn export [-h] (--model NAME | --checkpoint PATH) --format {{{','.join(FORMATS)}}} "
+               "--output FILE [options]")
+
     p.add_argument("--model", metavar="NAME", default=None,
                    help="a registered variant (see 'deformattn info'); optional with a checkpoint of "
                         "'deformattn train', which names its model")
@@ -154,6 +158,7 @@ def _input_size(args: argparse.Namespace, net: Any, meta: dict[str, Any]) -> tup
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from .._utils import elapsed_progress
     from .core import MIN_OPSET, ExportError, export_model
 
     if args.format is None:
@@ -172,9 +177,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     img_size = _input_size(args, net, meta)
     sampler = None if args.sampler == "as-built" else args.sampler
     try:
-        result = export_model(net, args.format, img_size=img_size, dynamic=args.dynamic, output=output,
-                              batch_size=args.batch_size, opset=args.opset, sampler=sampler, atol=args.atol,
-                              rtol=args.rtol, seed=args.seed, verbose=args.verbose)
+        with elapsed_progress(f"exporting {name} to {args.format} at {img_size[0]}x{img_size[1]} and verifying it"):
+            result = export_model(net, args.format, img_size=img_size, dynamic=args.dynamic, output=output,
+                                  batch_size=args.batch_size, opset=args.opset, sampler=sampler, atol=args.atol,
+                                  rtol=args.rtol, seed=args.seed, verbose=args.verbose)
     except ExportError as exc:
         print(f"deformattn export: error: {exc}", file=sys.stderr)
         return 1

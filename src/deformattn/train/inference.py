@@ -74,7 +74,8 @@ def evaluate_checkpoint(checkpoint: str | Path, *, split: str | None = None, dat
 @torch.no_grad()
 def predict_images(checkpoint: str | Path, images: Sequence[str | Path], *, topk: int = 5, ema: bool = False,
                    device: str = "auto", batch_size: int = 64) -> list[dict[str, Any]]:
-    """For each image: ``{"image": path, "top": [(class_name, probability), ...]}`` (``topk`` classes, best first)."""
+    """For each image: ``{"image": path, "top": [(class_name, probability), ...]}`` (``topk`` classes, best first),
+    plus ``"warning"`` when a digits checkpoint gets an image that looks inverted (dark ink on a light background)."""
     if topk < 1:
         raise InvalidArgumentError("topk", f"must be >= 1, got {topk}")
     if not images:
@@ -89,5 +90,22 @@ def predict_images(checkpoint: str | Path, images: Sequence[str | Path], *, topk
         probs = model(load_images(chunk, spec).to(dev)).float().softmax(dim=1)  # B, num_classes
         p, idx = probs.topk(k, dim=1)
         for path, pi, ii in zip(chunk, p.tolist(), idx.tolist(), strict=True):
-            results.append({"image": str(path), "top": [(names[i], prob) for i, prob in zip(ii, pi, strict=True)]})
+            result = {"image": str(path), "top": [(names[i], prob) for i, prob in zip(ii, pi, strict=True)]}
+            if spec.kind == "digits" and looks_inverted(path):
+                result["warning"] = (f"{str(path)!r} looks like a dark digit on a light background; the digits "
+                                     "model expects a light digit on a dark background (as scikit-learn's digits): "
+                                     "invert the image (PIL.ImageOps.invert) for a meaningful prediction")
+            results.append(result)
     return results
+
+
+def looks_inverted(path: str | Path) -> bool:
+    """True when a digit image's border is mostly light (mean grey > 0.5): dark ink on light paper, the opposite of
+    the digits data."""
+    from PIL import Image
+
+    with Image.open(path) as img:
+        gray = torch.frombuffer(bytearray(img.convert("L").tobytes()), dtype=torch.uint8)
+        gray = gray.view(img.height, img.width).float() / 255.0
+    border = torch.cat([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
+    return bool(border.mean() > 0.5)

@@ -9,7 +9,7 @@
 * :mod:`~deformattn.viz.complexity`: dense, window, spatial-reduction, neighborhood and deformable attention at
   growing map sizes.
 
-matplotlib, scikit-image and scikit-learn are imported only by the functions that need them; the drawing helpers
+matplotlib and scikit-learn are imported only by the functions that need them; the drawing helpers
 (which need numpy) are loaded on first access, so importing the package (and the CLI) needs torch only.
 """
 from __future__ import annotations

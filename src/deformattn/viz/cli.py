@@ -14,11 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 __all__ = ["register", "register_commands", "build_parser", "main", "make_viz", "cmd_viz", "cmd_flops",
            "cmd_complexity", "COMMAND_SPECS"]
+
+from .._utils import atomic_write_text, format_elapsed
 
 DEFAULT_VIZ_MODEL = "dat_nano"
 
@@ -101,8 +104,8 @@ def _configure_viz(p: argparse.ArgumentParser) -> None:
     src.add_argument("--model", metavar="NAME", default=None,
                      help=f"a registered variant, randomly initialised (default {DEFAULT_VIZ_MODEL}, the digits model)")
     p.add_argument("--image", metavar="PATH", default=None,
-                   help="image file (default: a scikit-learn test digit for the digits models, scikit-image's "
-                        "astronaut otherwise)")
+                   help="image file (default: a scikit-learn test digit for the digits models, the package's "
+                        "sample photo otherwise)")
     p.add_argument("--output", metavar="FILE.png", required=True, help="where to write the PNG")
     p.add_argument("--query", nargs=2, type=float, metavar=("Y", "X"), default=None,
                    help="the query, in pixels of the drawn (resized) image (default: its centre)")
@@ -127,7 +130,7 @@ def cmd_flops(args: argparse.Namespace) -> int:
     report = model_cost(model, size, name=args.model)
     print(format_cost_report(report))
     if args.json:
-        Path(args.json).write_text(json.dumps(report.as_dict(), indent=1) + "\n")
+        atomic_write_text(args.json, json.dumps(report.as_dict(), indent=1) + "\n")
         print(f"\nwrote {args.json}")
     return 0
 
@@ -153,9 +156,11 @@ def cmd_complexity(args: argparse.Namespace) -> int:
         C.keep_freed_memory()  # stable timings: calls reuse their pages (see the function)
     sides = args.sides or (C.QUICK_SIDES if args.quick else C.DEFAULT_SIDES)
     repeats = 1 if args.quick else args.repeats
+    start = time.perf_counter()
     rows = C.run_complexity(
         sides, args.kinds or C.KINDS, dim=args.dim, num_heads=args.heads, repeats=repeats,
-        budget_s=0.2 if args.quick else 2.0, device=args.device, log=lambda s: print(s, flush=True),
+        budget_s=0.2 if args.quick else 2.0, device=args.device,
+        log=lambda s: print(f"[{format_elapsed(time.perf_counter() - start)}] {s}", flush=True),
     )
     threads = torch.get_num_threads()
     for r in rows:

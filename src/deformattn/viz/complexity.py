@@ -51,7 +51,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .._utils import check_image_tensor, check_int, optional_import
+from .._utils import atomic_write, atomic_write_text, check_image_tensor, check_int, optional_import
 from ..attention import DeformableAttention2d
 from .flops import count_flops, dmha_macs
 
@@ -399,8 +399,7 @@ def plot_complexity(rows: Sequence[dict[str, Any]], path: str | Path, *, title: 
     fig.suptitle(title or "one attention layer, C=128, 4 heads, batch 1, forward (this machine)")
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
     return path
 
@@ -409,7 +408,7 @@ def write_complexity(rows: Sequence[dict[str, Any]], output_dir: str | Path, *, 
     """``DIR/complexity.json`` (the rows), ``DIR/complexity.md`` (the table) and ``DIR/complexity.png``."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "complexity.json").write_text(json.dumps(list(rows), indent=1) + "\n")
-    (out / "complexity.md").write_text(format_complexity_table(rows) + "\n")
+    atomic_write_text(out / "complexity.json", json.dumps(list(rows), indent=1) + "\n")
+    atomic_write_text(out / "complexity.md", format_complexity_table(rows) + "\n")
     png = plot_complexity(rows, out / "complexity.png", title=title)
     return {"json": out / "complexity.json", "md": out / "complexity.md", "png": png}

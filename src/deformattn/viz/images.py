@@ -2,8 +2,9 @@
 
 Defaults: the digits models (``dat_nano``, ``dat_v1_nano``, what ``deformattn train`` trains by default) get a test
 image from scikit-learn's handwritten digits (8x8, upscaled to the model's input size the way the trainer does it:
-bilinear, ``align_corners=False``, grey repeated to 3 channels); every other model gets scikit-image's astronaut
-photo.
+bilinear, ``align_corners=False``, grey repeated to 3 channels; the package's own ``digit.png`` sample when
+scikit-learn is not installed); every other model gets the photo that ships with the package
+(:mod:`deformattn.samples`), so nothing beyond matplotlib is needed.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ def load_image(path: str | Path) -> np.ndarray:
     dropped)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"deformattn viz: image {str(path)!r} is not a file")
+        raise FileNotFoundError(f"image: {str(path)!r} is not a file")
     Image = optional_import("PIL.Image", "viz", "deformattn viz (reading images)")
     with Image.open(path) as im:
         arr = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
@@ -51,18 +52,25 @@ def digits_image(index: int = 0, *, test_fraction: float = 0.25, seed: int = 0) 
 
 
 def photo_image() -> tuple[np.ndarray, str]:
-    """scikit-image's astronaut photo (512x512 RGB) in ``[0, 1]``."""
-    data = optional_import("skimage.data", "viz", "deformattn viz (the default photo)")
-    return data.astronaut().astype(np.float32) / 255.0, "scikit-image astronaut"
+    """The package's sample photo (``deformattn/samples/photo.jpg``, 214x320 RGB) in ``[0, 1]``."""
+    from .. import samples
+
+    return load_image(samples.path("photo")), "sample photo (scikit-learn's flower.jpg)"
 
 
 def default_image(model_name: str | None, data: dict | None = None) -> tuple[np.ndarray, str]:
     """A test digit for models trained on the digits (``data["kind"] == "digits"``, the ``"data"`` entry of a
     ``deformattn train`` checkpoint, which also gives the split) and for the untrained digits models; the astronaut
     photo otherwise."""
+    import importlib.util
+
     if data and data.get("kind") == "digits":
         return digits_image(test_fraction=float(data.get("test_fraction", 0.25)), seed=int(data.get("seed", 0)))
     if not data and model_name in DIGITS_MODELS:
+        if importlib.util.find_spec("sklearn") is None:
+            from .. import samples
+
+            return load_image(samples.path("digit")), "sample digit.png (scikit-learn test digit #1364, label 2)"
         return digits_image()
     return photo_image()
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .._utils import optional_import
+from .._utils import atomic_write, optional_import
 from .coords import feature_to_image, normalized_to_image
 from .record import LayerSampling
 
@@ -211,7 +211,6 @@ def save_figure(fig, path: str | Path, *, dpi: int = 100) -> Path:
     """Write ``fig`` as a PNG of exactly ``figsize * dpi`` pixels and close it."""
     plt = _pyplot()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi, format="png")
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"))
     plt.close(fig)
     return path
