@@ -7,7 +7,7 @@ Runs the command in a subprocess with the default options, times it end to end, 
 ``benchmarks/results/train_digits.json``: wall time, the run's own training seconds, images per second (median over
 epochs of the run's ``metrics.json``), test accuracy, the date, the CPU model, its measured float32 matmul rate
 (before the run) and the load average before and after (other jobs on the machine slow the run down). Then it draws
-the README's figure, ``deformattn viz --checkpoint runs/digits/last.pt --output docs/viz_digits.png --json ...``,
+the README's figure, ``deformattn viz --checkpoint runs/digits/last.pt --output docs/viz_digits.png --dpi 150``,
 and records the figure's test digit and prediction in the same file. ``tests/test_readme_numbers.py`` checks that
 the README quotes these figures.
 """
@@ -44,7 +44,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output-dir", default="runs/digits", help="the run folder (default: the README's)")
     p.add_argument("--json", default=str(HERE / "results" / "train_digits.json"))
-    p.add_argument("--figure", default=str(REPO / "docs" / "viz_digits.png"))
+    p.add_argument("--figure", default="docs/viz_digits.png", help="relative to the repository root")
     p.add_argument("--skip-train", action="store_true", help="reuse the run in --output-dir; redraw the figure only")
     p.add_argument("--skip-viz", action="store_true", help="train only")
     args = p.parse_args()
@@ -59,37 +59,38 @@ def main() -> int:
         load_before = os.getloadavg()
         wall, _ = _run([*cli, "train", "--output-dir", args.output_dir])
         load_after = os.getloadavg()
-        run = REPO / args.output_dir
-        summary = json.loads((run / "summary.json").read_text())
-        history = json.loads((run / "metrics.json").read_text())
-        config = json.loads((run / "config.json").read_text())
         report = {
             "command": f"deformattn train --output-dir {args.output_dir}",
             "created": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "machine": {**machine_info(), "matmul_gflops": round(limits["matmul_gflops"], 1),
                         "matmul_threads": limits["threads"],
                         "loadavg_1min_before": round(load_before[0], 2), "loadavg_1min_after": round(load_after[0], 2)},
-            "model": summary["model"],
-            "epochs": summary["epochs"],
-            "threads": config.get("threads"),
             "wall_seconds": round(wall, 1),
-            "train_seconds": round(summary["seconds"], 1),
-            "images_per_second_median": round(statistics.median(r["images_per_second"] for r in history), 1),
-            "images_per_second_range": [round(min(r["images_per_second"] for r in history), 1),
-                                        round(max(r["images_per_second"] for r in history), 1)],
-            "test_accuracy": summary["test_accuracy"],
-            "test_top5": summary["test_top5"],
-            "test_images": summary.get("eval_samples") or summary.get("eval_count"),
         }
+    run = REPO / args.output_dir
+    summary = json.loads((run / "summary.json").read_text())
+    history = json.loads((run / "metrics.json").read_text())
+    report.update({
+        "model": summary["model"],
+        "epochs": summary["epochs"],
+        "threads": summary.get("threads"),
+        "train_seconds": round(summary["seconds"], 1),
+        "images_per_second_median": round(statistics.median(r["images_per_second"] for r in history), 1),
+        "images_per_second_range": [round(min(r["images_per_second"] for r in history), 1),
+                                    round(max(r["images_per_second"] for r in history), 1)],
+        "test_accuracy": summary["test_accuracy"],
+        "test_top5": summary["test_top5"],
+        "test_images": summary.get("num_eval"),
+    })
     if args.skip_viz:
         atomic_write_json(path, report)
         print(json.dumps(report, indent=1))
         return 0
-    viz_json = Path(args.figure).with_suffix(".json")
+    viz_json = REPO / Path(args.figure).with_suffix(".json")
     _run([*cli, "viz", "--checkpoint", str(Path(args.output_dir) / "last.pt"), "--output", args.figure,
-          "--json", str(viz_json)])
+          "--dpi", "150", "--json", str(viz_json)])
     report["viz"] = {"command": f"deformattn viz --checkpoint {Path(args.output_dir) / 'last.pt'} --output "
-                                f"{Path(args.figure).relative_to(REPO)}",
+                                f"{args.figure} --dpi 150",
                      **json.loads(viz_json.read_text())}
     atomic_write_json(path, report)
     print(json.dumps(report, indent=1))

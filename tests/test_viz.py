@@ -284,12 +284,13 @@ def test_cli_viz_default_digits_random_init(tmp_path, capsys):
     assert main(["viz", "--output", str(out)]) == 0
     assert "randomly initialised" in capsys.readouterr().out
     img = _png(out)
-    # dat_nano has 4 deformable layers: 2 rows of 2 layers x 2 panels of 3.2 in, plus a 0.8 in title band, 100 dpi
-    assert img.shape == (round((2 * 3.2 + 0.8) * 100), round(4 * 3.2 * 100), 3)
+    # dat_nano has 4 deformable layers: 2 rows of 2 layers x 2 panels of 3.2 in (rows 0.85 x 3.2 in high), plus a
+    # 0.8 in title band and a 0.45 in note band, 100 dpi
+    assert img.shape == (round((2 * 0.85 * 3.2 + 0.8 + 0.45) * 100), round(4 * 3.2 * 100), 3)
     _assert_not_blank(img)
     result, title = make_viz(build_parser().parse_args(["viz", "--output", str(out)]))
     assert "randomly initialised" in title and "digit" in title
-    assert result.figure.texts and "randomly initialised" in result.figure.texts[0].get_text()
+    assert any("randomly initialised" in t.get_text() for t in result.figure.texts)
     assert result.image.shape == (32, 32, 3)
 
 
@@ -320,7 +321,7 @@ def test_cli_viz_checkpoint_and_image_file(tmp_path):
         make_viz(build_parser().parse_args([a if a != "70" else "90" for a in args]))
     assert main(args) == 0
     img = _png(tmp_path / "o.png")
-    assert img.shape == (round((3.2 + 0.8) * 100), round(4 * 3.2 * 100), 3)
+    assert img.shape == (round((0.85 * 3.2 + 0.8 + 0.45) * 100), round(4 * 3.2 * 100), 3)
     _assert_not_blank(img)
 
 
@@ -394,3 +395,43 @@ def test_default_images_and_fit_size():
         assert img.shape == (8, 8, 3) and 0.0 <= img.min() and img.max() <= 1.0 and "digit" in desc
     img, desc = default_image("dat_pp_tiny")  # the photo that ships with the package: no extra needed
     assert img.shape == (214, 320, 3) and img.std() > 0.1 and "sample photo" in desc
+
+
+@needs_mpl
+def test_figure_reads_like_a_paper_figure():
+    """Pixel ticks, readable titles, a colour bar per attention panel, group legends wherever there are several
+    groups, the requested query beside the cell centre it snaps to, and the note on points outside the image."""
+    from deformattn.viz import visualize
+    from deformattn.viz.plot import panel_name
+
+    assert panel_name("stages.0.attns.1") == "stage 1 / block 2" and panel_name("attn") == "attn"
+    torch.manual_seed(0)
+    res = visualize(create_model("dat_nano"), np.random.default_rng(0).random((32, 32, 3)).astype(np.float32),
+                    query=(10.0, 20.0))
+    try:
+        fig = res.figure
+        panels = fig.axes[:8]
+        for k, rec in enumerate(res.records):
+            off, att = panels[2 * k], panels[2 * k + 1]
+            name = panel_name(rec.name)
+            assert off.get_title().startswith(name) and att.get_title().startswith(name)
+            for ax in (off, att):
+                ticks = list(ax.get_xticks()) + list(ax.get_yticks())
+                assert len(ticks) >= 4 and all(0 <= t <= 31 for t in ticks)
+                assert any(p.get_gid() == "image-frame" for p in ax.patches)
+            G = rec.pos.shape[1]
+            legend_labels = [t.get_text() for t in off.get_legend().get_texts()]
+            assert "reference point" in legend_labels
+            if G > 1:
+                assert [f"group {g + 1}" for g in range(G)] == [t.get_text() for t in att.get_legend().get_texts()]
+                assert all(f"group {g + 1}" in legend_labels for g in range(G))
+            plus = _offsets(att, "query-requested")[0][0]
+            np.testing.assert_allclose(plus, [20.0, 10.0])  # (x, y): the requested point, the same in every panel
+        bars = [c for ax in panels[1::2] for c in ax.child_axes if c.get_ylabel() == "attention weight"]
+        assert len(bars) == 4  # one colour bar per attention panel (each layer has its own weight range)
+        note = [t.get_text() for t in fig.texts if t.get_gid() == "note"][0]
+        assert "moves between stages" in note and "outside the map" in note  # dat_nano's DAT++ grid pokes out
+    finally:
+        import matplotlib.pyplot as plt
+
+        plt.close(res.figure)

@@ -48,15 +48,15 @@ def _load_model(args: argparse.Namespace):
     return create_model(name), name, "randomly initialised weights (no checkpoint)", {}
 
 
-def _prediction(output, class_names: Sequence[str] | None) -> str:
+def _prediction(output, class_names: Sequence[str] | None) -> tuple[str, float] | None:
+    """``(label, probability)`` of the most likely class, or None for outputs that are not logits."""
     import torch
 
     if output.dim() != 2 or output.shape[-1] < 2:
-        return ""
+        return None
     p = torch.softmax(output[0].float(), -1)
     k = int(p.argmax())
-    label = class_names[k] if class_names and k < len(class_names) else str(k)
-    return f", predicted {label} ({p[k]:.1%})"
+    return (class_names[k] if class_names and k < len(class_names) else str(k)), float(p[k])
 
 
 def make_viz(args: argparse.Namespace):
@@ -79,10 +79,14 @@ def make_viz(args: argparse.Namespace):
     result = visualize(model, image, img_size=img_size, query=query, layers=args.layers,
                        mean=data.get("mean"), std=data.get("std"))
     h, w = result.image.shape[:2]
+    pred = _prediction(result.output, meta.get("class_names"))
+    result.summary = {"model": name, "weights": weights, "image": image_desc, "size": [h, w],
+                      "query_yx": list(result.query), "layers": [r.name for r in result.records],
+                      "predicted": pred[0] if pred else None, "probability": round(pred[1], 4) if pred else None}
     title = (
-        f"{name}: {weights}{_prediction(result.output, meta.get('class_names'))}\n"
-        f"{image_desc} at {h}x{w}; left: reference grid -> deformed keys by group; right: attention of the query "
-        f"at ({result.query[0]:.1f}, {result.query[1]:.1f}) px"
+        f"{name}: {weights}{f', predicted {pred[0]} ({pred[1]:.1%})' if pred else ''}\n"
+        f"{image_desc} at {h}x{w} px; per deformable layer: where its keys are sampled, and the attention of the "
+        f"query requested at (x, y) = ({result.query[1]:.1f}, {result.query[0]:.1f}) px"
     )
     set_title(result.figure, title)
     return result, title
@@ -93,6 +97,8 @@ def cmd_viz(args: argparse.Namespace) -> int:
 
     result, title = make_viz(args)
     path = save_figure(result.figure, args.output, dpi=args.dpi)
+    if args.json:
+        atomic_write_text(args.json, json.dumps({**result.summary, "figure": str(args.output)}, indent=1) + "\n")
     print(f"wrote {path} ({len(result.records)} deformable layers): {title.splitlines()[0]}")
     return 0
 
@@ -115,6 +121,8 @@ def _configure_viz(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layers", nargs="+", metavar="PATTERN", default=None,
                    help="only these deformable layers (fnmatch patterns, e.g. 'stages.3.*')")
     p.add_argument("--dpi", type=_positive_int, default=100, help="PNG resolution")
+    p.add_argument("--json", metavar="PATH", default=None,
+                   help="also write what the figure shows as JSON (image, prediction, query, layers)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random initialisation")
 
 

@@ -32,6 +32,7 @@ class VizResult:
     image: np.ndarray
     query: tuple[float, float]
     strides: list[tuple[float, float]]
+    summary: dict[str, Any] | None = None  # filled by ``deformattn viz``: image, prediction, query, layers
 
 
 def _reduction(model: nn.Module) -> int:
@@ -94,5 +95,5 @@ def visualize(
         model.train(was_training)
     records = rec.last()
     strides = [layer_stride(model, r.name, r.input_size, (h, w)) for r in records]
-    fig, drawn = draw_sampling(records, shown, strides, title=title)
+    fig, drawn = draw_sampling(records, shown, strides, title=title, requested_query=query)
     return VizResult(fig, drawn, records, output, shown, (float(query[0]), float(query[1])), strides)
