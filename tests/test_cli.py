@@ -191,3 +191,84 @@ def test_resume_from_the_command_line(trained, tmp_path, capsys):
     assert main(["train", "--resume", "auto", "--output-dir", str(out), "--epochs", "1", *TINY]) == 0
     assert "deformattn train: training:" in capsys.readouterr().out
     assert json.loads((out / "summary.json").read_text())["epochs"] == 1
+
+
+def test_info_reads_official_and_bare_state_dicts(tmp_path, capsys):
+    from deformattn.models import create_model
+
+    model = create_model("dat_nano", num_classes=10)
+    torch.save({"model": model.state_dict()}, tmp_path / "official.pth")
+    torch.save({f"module.{k}": v for k, v in model.state_dict().items()}, tmp_path / "bare.pth")
+    for name, kind in (("official.pth", "official checkpoint"), ("bare.pth", "bare state_dict")):
+        assert main(["info", "--checkpoint", str(tmp_path / name), "--json"]) == 0
+        info = json.loads(capsys.readouterr().out)
+        assert info["format"].startswith(kind) and info["fits"] == ["dat_nano"] and info["num_classes"] == 10
+        assert info["params"] == sum(p.numel() for p in model.parameters())
+    torch.save({"model": {"a": torch.zeros(2)}}, tmp_path / "other.pth")
+    assert main(["info", "--checkpoint", str(tmp_path / "other.pth"), "--json"]) == 0
+    assert "no registered variant" in json.loads(capsys.readouterr().out)["fits"]
+    assert main(["info", "--models"]) == 0
+    from deformattn.models import list_models
+
+    assert capsys.readouterr().out.split() == list_models()
+
+
+def test_help_texts_name_only_commands_and_options_that_exist(capsys):
+    """Every 'deformattn COMMAND --option' a help text mentions parses (train --help once named 'info --models')."""
+    import re
+
+    from deformattn.cli import build_parser
+
+    texts = []
+    for name in COMMANDS:
+        with pytest.raises(SystemExit):
+            main([name, "--help"])
+        texts.append(capsys.readouterr().out)
+    mentioned = {m.group(1).strip() for t in texts for m in re.finditer(r"deformattn ((?:[a-z][\w-]*)(?: --[\w-]+)*)",
+                                                                        " ".join(t.split()))}
+    mentioned = {m for m in mentioned if m.split()[0] in COMMANDS}
+    assert "info --models" in mentioned
+    for cmd in mentioned:
+        argv = cmd.split()
+        parser = build_parser()
+        known = {s for a in parser._subparsers._group_actions[0].choices[argv[0]]._actions for s in a.option_strings}
+        assert all(a in known for a in argv[1:] if a.startswith("--")), cmd
+
+
+def test_export_usage_shows_required_flags(capsys):
+    with pytest.raises(SystemExit):
+        main(["export", "--help"])
+    usage = " ".join(capsys.readouterr().out.split())
+    assert "--format {onnx,torchscript} --output FILE" in usage and "[--format" not in usage.split("options:")[0]
+
+
+def test_library_errors_become_flag_errors(tmp_path, capsys):
+    """The library names its arguments (checkpoint, model_name); the CLI prints the flags, and the command once."""
+    from deformattn.models import CheckpointError, create_model
+
+    (tmp_path / "junk.pt").write_bytes(b"junk" * 100)
+    with pytest.raises(CheckpointError, match=r"^checkpoint_path: cannot read checkpoint") as info:
+        create_model("dat_nano", checkpoint_path=tmp_path / "junk.pt")
+    assert info.value.argument == "checkpoint_path"
+    with pytest.raises(ValueError, match=r"^model_name: unknown model 'dat_nanoo'. Did you mean 'dat_nano'"):
+        create_model("dat_nanoo")
+    assert main(["viz", "--model", "dat_nanoo", "--output", str(tmp_path / "v.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("deformattn viz: error: --model: unknown model 'dat_nanoo'") and "Registered models:" in err
+    assert main(["eval", "--checkpoint", str(tmp_path / "junk.pt")]) == 2
+    assert capsys.readouterr().err.startswith("deformattn eval: error: --checkpoint: cannot read checkpoint")
+
+
+def test_samples_and_inverted_digit_warning(trained, tmp_path, capsys):
+    from PIL import Image, ImageOps
+
+    assert main(["samples", "--output-dir", str(tmp_path)]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["digit.png", "photo.jpg"]
+    capsys.readouterr()
+    ckpt = str(trained / "last.pt")
+    assert main(["predict", "-c", ckpt, str(tmp_path / "digit.png")]) == 0
+    assert "warning" not in capsys.readouterr().err  # the sample is light on dark, as the digits model expects
+    ImageOps.invert(Image.open(tmp_path / "digit.png").convert("L")).save(tmp_path / "inverted.png")
+    assert main(["predict", "-c", ckpt, str(tmp_path / "inverted.png")]) == 0
+    err = capsys.readouterr().err
+    assert "deformattn predict: warning:" in err and "light digit on a dark background" in err
