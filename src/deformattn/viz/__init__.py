@@ -32,8 +32,8 @@ _LAZY = {
     "layer_stride": "plot",
     "sampling_points": "plot",
     "save_figure": "plot",
-    "VizResult": "visualize",
-    "visualize": "visualize",
+    "VizResult": "figure",
+    "visualize": "figure",  # a module named like the function would shadow it once imported
 }
 
 __all__ = [

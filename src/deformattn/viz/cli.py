@@ -65,7 +65,7 @@ def make_viz(args: argparse.Namespace):
 
     from .images import default_image, load_image
     from .plot import set_title
-    from .visualize import visualize
+    from .figure import visualize
 
     torch.manual_seed(args.seed)
     model, name, weights, meta = _load_model(args)
