@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from .._utils import atomic_write, atomic_write_text
+from .._utils import atomic_write
 from ..models._helpers import CheckpointError, safe_load
 
 __all__ = [
