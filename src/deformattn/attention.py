@@ -230,16 +230,18 @@ class DeformableAttention2d(nn.Module):
             q (Tensor[B, C, H, W]): projected queries.
 
         Returns:
-            pos (Tensor[B*G, Hk, Wk, 2]) and reference (Tensor[Hk, Wk, 2]), normalised (y, x).
+            pos (Tensor[B*G, Hk, Wk, 2]) and reference (Tensor[Hk, Wk, 2]), normalised (y, x), in
+            :func:`~deformattn.functional.coord_dtype` (float32 for a half-precision model).
         """
         B, C, H, W = q.shape
         G, Cg = self.offset_groups, self.group_dim
         Hk, Wk = self.key_grid_size(H, W)
+        acc = DF.coord_dtype(q.dtype)
         reference = DF.reference_points(
-            Hk, Wk, version=self.version, offset_range_factor=self.offset_range_factor, device=q.device, dtype=q.dtype
+            Hk, Wk, version=self.version, offset_range_factor=self.offset_range_factor, device=q.device, dtype=acc
         )
         if self.no_off:
-            offset = q.new_zeros(B * G, 2, Hk, Wk)
+            offset = q.new_zeros(B * G, 2, Hk, Wk, dtype=acc)
         else:
             q_off = q.reshape(B * G, Cg, H, W)  # BG, Cg, H, W
             k, p = self.offset_kernel_size, self.offset_padding
@@ -247,7 +249,7 @@ class DeformableAttention2d(nn.Module):
             pad_h, pad_w = max(k - H - 2 * p, 0), max(k - W - 2 * p, 0)
             if pad_h or pad_w:
                 q_off = F.pad(q_off, (0, pad_w, 0, pad_h))
-            offset = self.conv_offset(q_off)  # BG, 2, Hk, Wk
+            offset = self.conv_offset(q_off).to(acc)  # BG, 2, Hk, Wk
         pos = DF.bound_offsets(
             offset,
             reference,

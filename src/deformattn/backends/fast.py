@@ -230,11 +230,13 @@ def _make_table_bias_fn(
     _, Th, Tw = table.shape
     BG, Hk, Wk, _ = pos.shape
     B, Ns = BG // G, Hk * Wk
-    # in the table's dtype: under autocast the positions come out of the offset convs in half precision
-    qg = DF.query_grid(H, W, version=m.version, device=pos.device, dtype=table.dtype)  # H, W, 2
+    # coordinates, weights and the bias in float32 at least, whatever the model's dtype (a bfloat16 table
+    # coordinate resolves a quarter cell on a 56-row table)
+    acc = DF.coord_dtype(torch.promote_types(table.dtype, pos.dtype))
+    qg = DF.query_grid(H, W, version=m.version, device=pos.device, dtype=acc)  # H, W, 2
     qy, qx = qg[:, 0, 0], qg[0, :, 1]
-    p = pos.reshape(B, G, Ns, 2).to(table.dtype)
-    table4 = table.reshape(G, hg, Th, Tw)
+    p = pos.reshape(B, G, Ns, 2).to(acc)
+    table4 = table.reshape(G, hg, Th, Tw).to(acc)
     S, Sxi = _table_step(Th, H, m.version), _table_step(Tw, W, m.version)
 
     if window and S is not None and Sxi is not None:
@@ -280,15 +282,11 @@ def _make_bias_fn(
         mlp = m.rpe_table
         lin1, lin2 = mlp[0], mlp[2]
         G = m.offset_groups
-        qg = DF.query_grid(H, W, version=m.version, device=pos.device, dtype=pos.dtype)
+        qg = DF.query_grid(H, W, version=m.version, device=pos.device, dtype=DF.coord_dtype(pos.dtype))
 
         def cpb_fn(r0: int, r1: int, tensors: Sequence[Tensor]) -> Tensor:
             p_, w1, b1, w2 = tensors
-            # the MLP's dtype: the custom backward recomputes this outside autocast (half positions, float32 MLP)
-            coords = DF.log_cpb_coords(qg[r0:r1], p_).to(w1.dtype)  # BG, Nc, Ns, 2
-            bias = F.linear(F.relu(F.linear(coords, w1, b1)), w2)  # BG, Nc, Ns, hg
-            B, hg = BG // G, bias.shape[-1]
-            return bias.permute(0, 3, 1, 2).reshape(B, G * hg, bias.shape[1], Ns)
+            return DF.log_cpb_bias_fn(qg[r0:r1], p_, G, w1, b1, w2)  # B, nH, Nc, Ns
 
         return cpb_fn, [pos, lin1.weight, lin1.bias, lin2.weight]
     return None, []
@@ -412,7 +410,7 @@ def attend(
         # dropout needs its random mask in the backward pass: let autograd keep the blocks
         outs = []
         for r0, r1 in blocks:
-            mask = bias_fn(r0, r1, bias_inputs) if bias_fn is not None else None
+            mask = bias_fn(r0, r1, bias_inputs).to(q.dtype) if bias_fn is not None else None
             outs.append(
                 F.scaled_dot_product_attention(
                     q[:, :, r0 * W : r1 * W], k, v, attn_mask=mask, dropout_p=drop, scale=scale
@@ -433,8 +431,8 @@ def attend(
         # small problem: plain autograd over one block (fused softmax backward, nothing recomputed)
         logits = torch.matmul(q * scale, k.transpose(-1, -2))  # B, nH, Nq, Ns
         if bias_fn is not None:
-            logits = logits + bias_fn(0, H, bias_inputs)
-        return torch.matmul(logits.softmax(-1), v)
+            logits = logits + bias_fn(0, H, bias_inputs)  # float32 with a half-precision model
+        return torch.matmul(logits.softmax(-1).to(v.dtype), v)
     return _BlockAttention.apply(q, k, v, bias_fn, blocks, W, scale, *bias_inputs)
 
 
