@@ -38,6 +38,7 @@ attention stay in the model's precision.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -61,6 +62,8 @@ __all__ = [
     "log_cpb_coords",
     "log_cpb_bias_fn",
     "attention_core",
+    "PositionBias",
+    "position_bias",
 ]
 
 POS_BIAS_KINDS = ("table", "fixed", "dwc", "log_cpb", "none")
@@ -352,3 +355,44 @@ def attention_core(
     attn = attn.softmax(dim=-1)
     attn = F.dropout(attn, p=attn_drop, training=training)
     return torch.einsum("bhmn,bhcn->bhcm", attn.to(v.dtype), v)  # B, nH, hc, Nq
+
+
+@dataclass(frozen=True)
+class PositionBias:
+    """The parameters of a relative position bias that acts on the attention logits, as a backend receives them.
+
+    Attributes:
+        kind: ``"table"``, ``"fixed"`` or ``"log_cpb"`` (``"dwc"`` acts on the output, ``"none"`` has no bias:
+            neither reaches a backend).
+        params: ``table``: (Tensor[nH, Th, Tw],); ``fixed``: (Tensor[nH, H*W, Ns],); ``log_cpb``: the MLP's
+            ``(w1 Tensor[32, 2], b1 Tensor[32], w2 Tensor[hg, 32])``.
+        groups: ``G`` (heads are ordered group-major).
+        version: ``"pp"`` or ``"v1"`` (query coordinates, table extent).
+        sampler: how the reference reads the table (``"grid_sample"`` or ``"gather"``).
+    """
+
+    kind: str
+    params: tuple[Tensor, ...]
+    groups: int
+    version: str = "pp"
+    sampler: str = "grid_sample"
+
+
+def position_bias(bias: PositionBias | None, H: int, W: int, pos: Tensor) -> Tensor | None:
+    """The additive attention bias, the official way (the reference backend's): ``Tensor[B or 1, nH, H*W, Ns]``.
+
+    Args:
+        pos (Tensor[B*G, Hk, Wk, 2]): key positions, normalised (y, x).
+    """
+    if bias is None:
+        return None
+    if bias.kind == "fixed":
+        (table,) = bias.params
+        Ns = pos.shape[1] * pos.shape[2]
+        return table.reshape(1, table.shape[0], H * W, Ns)
+    q_grid = query_grid(H, W, version=bias.version, device=pos.device, dtype=coord_dtype(pos.dtype))
+    if bias.kind == "table":
+        return table_bias(bias.params[0], q_grid, pos, bias.groups, bias.sampler)
+    if bias.kind == "log_cpb":
+        return log_cpb_bias_fn(q_grid, pos, bias.groups, *bias.params)
+    raise ValueError(f"position_bias: kind must be 'table', 'fixed' or 'log_cpb', got {bias.kind!r}")
