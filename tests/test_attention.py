@@ -68,11 +68,10 @@ MODES = {"keep": (1 << 22, 1 << 23), "recompute-one-block": (1 << 22, 0), "recom
 
 
 @pytest.fixture(params=list(MODES))
-def fast_mode(request, monkeypatch):
+def fast_mode(request):
     block, save = MODES[request.param]
-    monkeypatch.setattr(fast, "_BLOCK_ELEMS", block)
-    monkeypatch.setattr(fast, "_SAVE_ELEMS", save)
-    return request.param
+    with fast.tuning(block_elems=block, save_elems=save):
+        yield request.param
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
