@@ -448,13 +448,21 @@ def attend(
         return torch.cat(outs, dim=2)
     if not needs_grad:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
+        # in half precision the CPU's fused attention kernel is slower than matmul + softmax (benchmarks/RESULTS.md)
+        unfused = q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16)
+        kT = k.transpose(-1, -2)
         for r0, r1 in blocks:
             mask = bias_fn(r0, r1, bias_inputs) if bias_fn is not None else None
             if mask is not None:
                 mask = mask.to(q.dtype)
-            out[:, :, r0 * W : r1 * W] = F.scaled_dot_product_attention(
-                q[:, :, r0 * W : r1 * W], k, v, attn_mask=mask, scale=scale
-            )
+            qb = q[:, :, r0 * W : r1 * W]
+            if unfused:
+                logits = torch.matmul(qb, kT).mul_(scale)  # B, nH, rows*W, Ns
+                if mask is not None:
+                    logits += mask
+                out[:, :, r0 * W : r1 * W] = torch.matmul(logits.softmax(-1), v)
+            else:
+                out[:, :, r0 * W : r1 * W] = F.scaled_dot_product_attention(qb, k, v, attn_mask=mask, scale=scale)
         return out
     if B * nH * Nq * Ns <= _SAVE_ELEMS:
         # small problem: plain autograd over one block (fused softmax backward, nothing recomputed)
