@@ -331,7 +331,8 @@ def precision_worker(torch, create_model, name: str, x, gen, spec: dict[str, Any
     samples = alternate({p: make_step(p) for p in PRECISIONS}, rounds=spec["train_rounds"], warmup=spec["warmup"],
                         budget_s=spec["budget_s"], min_rounds=spec["min_rounds"])
     cos = torch.nn.functional.cosine_similarity
-    out["train"] = {p: {**summarise(samples[p], B), "grad_cosine": float(cos(grads[p], grads["fp32"], dim=0))}
+    out["train"] = {p: {**summarise(samples[p], B),
+                        "grad_cosine": float(cos(grads[p].double(), grads["fp32"].double(), dim=0))}
                     for p in PRECISIONS}
     out["train_speedup"] = {p: paired_speedup(samples, "fp32", p) for p in PRECISIONS}
     return out
