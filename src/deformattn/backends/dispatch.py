@@ -89,6 +89,12 @@ class Backend:
 _REGISTRY: dict[str, dict[str, Backend]] = {}
 
 
+def _debug(msg: str, *args: object) -> None:
+    # no logging while torch.compile traces the call (a Logger call is a graph break there)
+    if not torch.compiler.is_compiling() and log.isEnabledFor(logging.DEBUG):
+        log.debug(msg, *args)
+
+
 def _always(problem: Problem) -> str | None:
     return None
 
@@ -160,7 +166,7 @@ def select_backend(op: str, problem: Problem, requested: str | None = None, *, o
         reason = backend.can_run(problem)
         if reason is not None:
             raise ValueError(f"{owner}: backend {name!r} (from {source}) cannot run this input: {reason}")
-        log.debug("%s: backend %r, requested by %s", op, name, source)
+        _debug("%s: backend %r, requested by %s", op, name, source)
         return backend
     skipped = []
     for backend in backends.values():
@@ -169,7 +175,7 @@ def select_backend(op: str, problem: Problem, requested: str | None = None, *, o
             reason = "not plain ops, and the caller asks for plain ops (export)"
         if reason is None:
             why = "; ".join(skipped) if skipped else "first in preference order"
-            log.debug("%s: backend %r (%s)", op, backend.name, why)
+            _debug("%s: backend %r (%s)", op, backend.name, why)
             return backend
         skipped.append(f"{backend.name!r} skipped: {reason}")
     raise ValueError(f"{owner}: no backend can run this input: {'; '.join(skipped)}")
