@@ -41,6 +41,15 @@ What is measured, per model (float32, CPU, ``--threads`` threads, batch ``--batc
   same model eager, alternating call by call. The first compiled call (compilation) is timed apart; the output is
   checked against eager.
 
+* **Precision** (part ``precision``): per model, float32, bfloat16 autocast (float32 weights) and bfloat16
+  weights (``model.to(torch.bfloat16)``), alternating call by call in one worker, for inference and a training step
+  (AdamW), each with its accuracy beside it: the logits' max error relative to their scale and the top-1
+  agreement with float32 (inference), the cosine similarity of the first step's gradient with float32's (training).
+  The same worker measures the machine's float32 and bfloat16 matmul rates (1024² ``torch.mm``) first, so the
+  bf16 speed-up can be read against what the matrix units allow.
+
+    python benchmarks/models.py --skip infer,train --compile none --json benchmarks/results/models_precision.json
+
 Every worker is a fresh process (``--worker``), seeded the same way. Output: a markdown report on stdout and JSON at
 ``--json`` (default ``benchmarks/results/models.json``, written atomically).
 """
@@ -229,6 +238,133 @@ def count_model_flops(torch, model, x, *, train: bool) -> int:
     return int(counter.get_total_flops())
 
 
+PRECISIONS = ("fp32", "bf16-autocast", "bf16-weights")
+
+
+def matmul_rates(torch, n: int = 1024, repeats: int = 10) -> dict[str, float]:
+    """GFLOP/s of an ``n x n`` ``torch.mm`` in float32 and bfloat16 (median of ``repeats``)."""
+    rates = {}
+    for label, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        c = torch.empty(n, n, dtype=dtype)
+        for _ in range(2):
+            torch.mm(a, b, out=c)
+        ts = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            torch.mm(a, b, out=c)
+            ts.append(time.perf_counter() - t0)
+        rates[label] = 2 * n**3 / statistics.median(ts) / 1e9
+    return rates
+
+
+def precision_worker(torch, create_model, name: str, x, gen, spec: dict[str, Any]) -> dict[str, Any]:
+    """fp32 / bf16 autocast / bf16 weights: inference and a training step, alternating, with accuracy vs fp32."""
+    import contextlib
+
+    bf16 = torch.bfloat16
+    out: dict[str, Any] = {"matmul_gflops": matmul_rates(torch)}
+    base = create_model(name)
+    B = x.shape[0]
+    labels = torch.randint(0, base.num_classes, (B,), generator=gen)
+
+    def setup(prec):
+        m = copy.deepcopy(base)
+        xin = x
+        ctx = contextlib.nullcontext
+        if prec == "bf16-weights":
+            m, xin = m.to(bf16), x.to(bf16)
+        elif prec == "bf16-autocast":
+            ctx = lambda: torch.autocast("cpu", dtype=bf16)  # noqa: E731
+        return m, xin, ctx
+
+    # inference
+    runs = {p: setup(p) for p in PRECISIONS}
+    logits = {}
+    for p, (m, xin, ctx) in runs.items():
+        m.eval()
+        with torch.inference_mode(), ctx():
+            logits[p] = m(xin).float()
+    ref = logits["fp32"]
+    accuracy = {p: {"logits_rel_err": float((lg - ref).abs().max() / ref.abs().max()),
+                    "finite": bool(torch.isfinite(lg).all()),
+                    "top1_agree": float((lg.argmax(1) == ref.argmax(1)).float().mean())} for p, lg in logits.items()}
+
+    def make_infer(p):
+        m, xin, ctx = runs[p]
+
+        def call():
+            with torch.inference_mode(), ctx():
+                m(xin)
+        return call
+
+    samples = alternate({p: make_infer(p) for p in PRECISIONS}, rounds=spec["rounds"], warmup=spec["warmup"],
+                        budget_s=spec["budget_s"], min_rounds=spec["min_rounds"])
+    out["infer"] = {p: {**summarise(samples[p], B), **accuracy[p]} for p in PRECISIONS}
+    out["infer_speedup"] = {p: paired_speedup(samples, "fp32", p) for p in PRECISIONS}
+
+    # training step: each precision its own copy of the same initial weights and its own AdamW
+    runs = {p: setup(p) for p in PRECISIONS}
+    grads = {}
+    for p, (m, xin, ctx) in runs.items():
+        m.train()
+        torch.manual_seed(spec["seed"])  # the same drop-path draws
+        with ctx():
+            loss = torch.nn.functional.cross_entropy(m(xin).float(), labels)
+        loss.backward()
+        grads[p] = torch.cat([q.grad.float().flatten() for q in m.parameters() if q.grad is not None])
+        m.zero_grad(set_to_none=True)
+    opts = {p: torch.optim.AdamW(runs[p][0].parameters(), lr=1e-4, weight_decay=0.05) for p in PRECISIONS}
+
+    def make_step(p):
+        m, xin, ctx = runs[p]
+        opt = opts[p]
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            with ctx():
+                loss = torch.nn.functional.cross_entropy(m(xin).float(), labels)
+            loss.backward()
+            opt.step()
+        return step
+
+    samples = alternate({p: make_step(p) for p in PRECISIONS}, rounds=spec["train_rounds"], warmup=spec["warmup"],
+                        budget_s=spec["budget_s"], min_rounds=spec["min_rounds"])
+    cos = torch.nn.functional.cosine_similarity
+    out["train"] = {p: {**summarise(samples[p], B),
+                        "grad_cosine": float(cos(grads[p].double(), grads["fp32"].double(), dim=0))}
+                    for p in PRECISIONS}
+    out["train_speedup"] = {p: paired_speedup(samples, "fp32", p) for p in PRECISIONS}
+    return out
+
+
+def render_precision(report: dict[str, Any]) -> str:
+    """The precision table (fp32 / bf16 autocast / bf16 weights) with the matmul rates of the same run."""
+    rows, lines = [], []
+    for r in report["models"]:
+        res = r.get("precision")
+        if not res or "error" in res:
+            continue
+        mm = res["matmul_gflops"]
+        lines.append(f"- {r['model']} worker: matmul 1024² float32 {mm['fp32']:.0f} GFLOP/s, bfloat16 "
+                     f"{mm['bf16']:.0f} GFLOP/s (bf16 / fp32 = {mm['bf16'] / mm['fp32']:.2f}x)")
+        for p in PRECISIONS:
+            i, t = res["infer"][p], res["train"][p]
+            rows.append([r["model"], p, f"{i['median_ms']:.0f}", f"{res['infer_speedup'][p]['median']:.2f}",
+                         f"{i['logits_rel_err']:.3g}", f"{i['top1_agree']:.2f}", f"{t['median_ms']:.0f}",
+                         f"{res['train_speedup'][p]['median']:.2f}", f"{t['grad_cosine']:.4f}"])
+    if not rows:
+        return ""
+    head = ["model", "precision", "infer ms", "infer × fp32", "logits err", "top-1 agree", "train step ms",
+            "train × fp32", "grad cosine"]
+    s = report["settings"]
+    return ("\n\n## Precision\n\n"
+            f"Batch {s['batch']} at {s['img_size']}, {s['threads']} thread(s), CPU. `× fp32`: paired median of fp32 "
+            "time / this time (alternating calls). `logits err`: max |logits - fp32 logits| / max |fp32 logits|; "
+            "`grad cosine`: cosine similarity of the first training step's gradient with fp32's.\n\n"
+            + markdown_table(head, rows) + "\n\n" + "\n".join(lines) + "\n")
+
+
 def worker(spec: dict[str, Any]) -> dict[str, Any]:
     torch = setup_torch(spec["threads"], spec["seed"])
     kind = spec["kind"]
@@ -275,6 +411,9 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
                         for p in PATHS}
         out["speedup"] = paired_speedup(samples, "reference", "fast")
         return out
+
+    if kind == "precision":
+        return {**out, **precision_worker(torch, create_model, name, x, gen, spec)}
 
     if kind == "train":
         base = create_model(name)
@@ -554,7 +693,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compile-cache", choices=("fresh", "default"), default="fresh",
                    help="inductor cache: a fresh empty folder per model (default; compile time from cold) or "
                         "torch's default folder (warm after an earlier run)")
-    p.add_argument("--skip", default="", help="comma-separated parts to skip: infer, train")
+    p.add_argument("--skip", default="", help="comma-separated parts to skip: infer, train, precision")
     add_harness_args(p, results="models", timeout_s=2400.0,
                      quick_help="the 32x32 CPU variants (dat_v1_nano, dat_nano), batch 2, one round: a smoke test")
     p.add_argument("--note", action="append", default=[], help="a note to add to the report (repeatable)")
@@ -572,8 +711,8 @@ def main(argv: list[str] | None = None) -> int:
     budget = args.budget if args.budget is not None else (10.0 if q else 300.0)
     compile_mode = args.compile or ("eager" if q else "inductor")
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
-    if skip - {"infer", "train"}:
-        p.error(f"--skip takes infer and/or train, got {args.skip!r}")
+    if skip - {"infer", "train", "precision"}:
+        p.error(f"--skip takes infer, train and/or precision, got {args.skip!r}")
     models = [m.strip() for m in (args.models or ",".join(QUICK_MODELS if q else DEFAULT_MODELS)).split(",")
               if m.strip()]
     if min(batch, size, rounds, train_rounds, args.threads) < 1 or args.warmup < 0:
@@ -613,6 +752,16 @@ def main(argv: list[str] | None = None) -> int:
                 f, r = res["paths"]["fast"], res["paths"]["reference"]
                 log(f"{name:>12} {kind:>7}: fast {f['img_per_s']:7.2f} img/s, reference {r['img_per_s']:7.2f} "
                     f"img/s, speed-up {res['speedup']['median']:.2f}x (n={f['repeats']})")
+        if "precision" not in skip:
+            res = row["precision"] = run({**common, "kind": "precision", "rounds": rounds,
+                                          "train_rounds": train_rounds})
+            if "error" in res:
+                log(f"{name:>12} precision: ERROR {res['error']}")
+            else:
+                sp = {k: res["infer_speedup"][k]["median"] for k in PRECISIONS}
+                log(f"{name:>12} precision: inference x fp32: bf16 autocast {sp['bf16-autocast']:.2f}, bf16 weights "
+                    f"{sp['bf16-weights']:.2f}; matmul bf16/fp32 "
+                    f"{res['matmul_gflops']['bf16'] / res['matmul_gflops']['fp32']:.2f}")
         if compile_mode != "none":
             spec = {**base, **common, "kind": "compile", "rounds": rounds, "compile": compile_mode}
             cenv = dict(env)
@@ -660,11 +809,12 @@ def main(argv: list[str] | None = None) -> int:
     }
     derive(report)
     report["elapsed_s"] = time.perf_counter() - t_start
-    report["table_markdown"] = render(report)
+    report["table_markdown"] = render(report) + render_precision(report)
     print(report["table_markdown"])
     atomic_write_json(args.json, report)
     log(f"wrote {args.json}")
-    failed = [(r["model"], k) for r in results for k in ("infer", "train", "compile") if "error" in (r.get(k) or {})]
+    failed = [(r["model"], k) for r in results for k in ("infer", "train", "compile", "precision")
+              if "error" in (r.get(k) or {})]
     if failed or "error" in machine:
         return 1
     if args.check_targets and any(t["passed"] is False for t in report["targets"]):

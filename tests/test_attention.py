@@ -68,11 +68,10 @@ MODES = {"keep": (1 << 22, 1 << 23), "recompute-one-block": (1 << 22, 0), "recom
 
 
 @pytest.fixture(params=list(MODES))
-def fast_mode(request, monkeypatch):
+def fast_mode(request):
     block, save = MODES[request.param]
-    monkeypatch.setattr(fast, "_BLOCK_ELEMS", block)
-    monkeypatch.setattr(fast, "_SAVE_ELEMS", save)
-    return request.param
+    with fast.tuning(block_elems=block, save_elems=save):
+        yield request.param
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
@@ -298,13 +297,14 @@ def test_official_names_for_every_bias_kind():
 
 
 def test_backend_env_override(monkeypatch):
-    from deformattn.backends import BACKENDS, select_backend
+    from deformattn.backends import DEFORMABLE_OP, Problem, get_backend, select_backend
 
+    problem = Problem.of(torch.randn(1, 4, 64, 4))
+    assert select_backend(DEFORMABLE_OP, problem) is get_backend(DEFORMABLE_OP, "fast")
+    monkeypatch.setenv("DEFORMATTN_BACKEND", "reference")
+    assert select_backend(DEFORMABLE_OP, problem) is get_backend(DEFORMABLE_OP, "reference")
     m = DeformableAttention2d(16, 4, stride=2, q_size=8)
     x = torch.randn(1, 16, 8, 8)
-    assert select_backend(m, x) is BACKENDS["fast"]
-    monkeypatch.setenv("DEFORMATTN_BACKEND", "reference")
-    assert select_backend(m, x) is BACKENDS["reference"]
     monkeypatch.setenv("DEFORMATTN_BACKEND", "nope")
     with pytest.raises(ValueError, match=r"DeformableAttention2d: \$DEFORMATTN_BACKEND must be one of .*'nope'"):
         m(x)

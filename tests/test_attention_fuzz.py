@@ -8,7 +8,6 @@ paths under bfloat16 / float16 CPU autocast. ``DEFORMATTN_FUZZ_EXAMPLES`` raises
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 
@@ -134,15 +133,9 @@ def test_constant_input(backend):
 FAST_MODES = [(1 << 19, 1 << 23), (1 << 22, 0), (64, 0), (1, 0)]
 
 
-@contextlib.contextmanager
 def _fast_mode(block: int, save: int):
     """Run the fast path with these block / keep-the-matrix thresholds (hypothesis forbids function fixtures)."""
-    old = fast_backend._BLOCK_ELEMS, fast_backend._SAVE_ELEMS
-    fast_backend._BLOCK_ELEMS, fast_backend._SAVE_ELEMS = block, save
-    try:
-        yield
-    finally:
-        fast_backend._BLOCK_ELEMS, fast_backend._SAVE_ELEMS = old
+    return fast_backend.tuning(block_elems=block, save_elems=save)
 
 
 def _randomise(m, seed):

@@ -20,7 +20,7 @@ def test_quick_run_writes_a_complete_report(tmp_path):
     out = tmp_path / "models.json"
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "--quick", "--models", "dat_v1_nano", "--threads", "1", "--json", str(out)],
-        capture_output=True, text=True, timeout=240, cwd=REPO,
+        capture_output=True, text=True, timeout=420, cwd=REPO,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert not list(tmp_path.glob("*.tmp")), "atomic write left a temporary file"
@@ -64,6 +64,16 @@ def test_quick_run_writes_a_complete_report(tmp_path):
     assert comp["max_abs_diff"] <= 1e-5
     assert _positive(comp["gain"]["median"])
     assert all(_positive(comp["paths"][k]["img_per_s"]) for k in ("eager", "compiled"))
+
+    prec = row["precision"]
+    assert "error" not in prec, prec
+    assert _positive(prec["matmul_gflops"]["fp32"]) and _positive(prec["matmul_gflops"]["bf16"])
+    for p in ("fp32", "bf16-autocast", "bf16-weights"):
+        assert prec["infer"][p]["finite"] and prec["infer"][p]["top1_agree"] >= 0.5
+        assert prec["infer"][p]["logits_rel_err"] < 0.1 and prec["train"][p]["grad_cosine"] > 0.9
+        assert _positive(prec["infer_speedup"][p]["median"]) and _positive(prec["train_speedup"][p]["median"])
+    assert prec["infer"]["fp32"]["logits_rel_err"] == 0 and prec["infer_speedup"]["fp32"]["median"] == 1.0
+    assert "## Precision" in report["table_markdown"] and "| dat_v1_nano | bf16-weights |" in proc.stdout
 
     names = [t["name"] for t in report["targets"]]
     assert len(names) == 3 and all(t["passed"] in (True, False) for t in report["targets"])

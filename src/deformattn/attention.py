@@ -13,7 +13,7 @@ from torch import Tensor
 
 from . import functional as DF
 from ._utils import check_float, check_image_tensor, check_int, to_2tuple
-from .backends import check_backend_arg, select_backend
+from .backends import DEFORMABLE_OP, Problem, check_backend_name, select_backend
 
 __all__ = ["DeformableAttention2d", "LayerNormProxy", "default_offset_kernel_size"]
 
@@ -29,6 +29,11 @@ class LayerNormProxy(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def _conv1x1(conv: nn.Conv2d, x: Tensor) -> Tensor:
+    """A 1x1 conv applied to channels-last ``Tensor[B, N, C]``: ``Tensor[B, N, C_out]``."""
+    return F.linear(x, conv.weight.reshape(conv.weight.shape[0], -1), conv.bias)
 
 
 def default_offset_kernel_size(stride: int) -> int:
@@ -64,7 +69,9 @@ class DeformableAttention2d(nn.Module):
         no_off: no offsets; DAT++ averages-pools the keys, v1 samples them at the reference grid.
         version: ``"pp"`` (DAT++, official HEAD, default) or ``"v1"`` (CVPR 2022 code).
         attn_drop, proj_drop: dropout on the attention weights and on the output (training mode only).
-        backend: ``None`` (fastest that supports the configuration), ``"fast"`` or ``"reference"``.
+        backend: ``None`` (the dispatcher's choice: ``$DEFORMATTN_BACKEND``, else the first backend that can run
+            the input, see :mod:`deformattn.backends`), ``"fast"`` or ``"reference"``. A named backend that cannot
+            run an input raises ``ValueError``.
         sampler: ``"grid_sample"`` (default) or ``"gather"``: bilinear sampling (keys and, on the reference path, the
             bias table) from gather and arithmetic only, for exporting to runtimes without a correct GridSample.
             ``"gather"`` runs the reference backend's algorithm (plain ops, exportable).
@@ -136,7 +143,7 @@ class DeformableAttention2d(nn.Module):
         offset_range_factor = check_float(offset_range_factor, "offset_range_factor", _OWNER)
         attn_drop = check_float(attn_drop, "attn_drop", _OWNER, minimum=0.0, maximum=1.0)
         proj_drop = check_float(proj_drop, "proj_drop", _OWNER, minimum=0.0, maximum=1.0)
-        check_backend_arg(_OWNER, backend)
+        check_backend_name(_OWNER, DEFORMABLE_OP, backend)
         if sampler not in DF.SAMPLERS:
             raise ValueError(f"{_OWNER}: sampler must be one of {DF.SAMPLERS}, got {sampler!r}")
         if not isinstance(no_off, bool):
@@ -230,16 +237,18 @@ class DeformableAttention2d(nn.Module):
             q (Tensor[B, C, H, W]): projected queries.
 
         Returns:
-            pos (Tensor[B*G, Hk, Wk, 2]) and reference (Tensor[Hk, Wk, 2]), normalised (y, x).
+            pos (Tensor[B*G, Hk, Wk, 2]) and reference (Tensor[Hk, Wk, 2]), normalised (y, x), in
+            :func:`~deformattn.functional.coord_dtype` (float32 for a half-precision model).
         """
         B, C, H, W = q.shape
         G, Cg = self.offset_groups, self.group_dim
         Hk, Wk = self.key_grid_size(H, W)
+        acc = DF.coord_dtype(q.dtype)
         reference = DF.reference_points(
-            Hk, Wk, version=self.version, offset_range_factor=self.offset_range_factor, device=q.device, dtype=q.dtype
+            Hk, Wk, version=self.version, offset_range_factor=self.offset_range_factor, device=q.device, dtype=acc
         )
         if self.no_off:
-            offset = q.new_zeros(B * G, 2, Hk, Wk)
+            offset = q.new_zeros(B * G, 2, Hk, Wk, dtype=acc)
         else:
             q_off = q.reshape(B * G, Cg, H, W)  # BG, Cg, H, W
             k, p = self.offset_kernel_size, self.offset_padding
@@ -247,7 +256,7 @@ class DeformableAttention2d(nn.Module):
             pad_h, pad_w = max(k - H - 2 * p, 0), max(k - W - 2 * p, 0)
             if pad_h or pad_w:
                 q_off = F.pad(q_off, (0, pad_w, 0, pad_h))
-            offset = self.conv_offset(q_off)  # BG, 2, Hk, Wk
+            offset = self.conv_offset(q_off).to(acc)  # BG, 2, Hk, Wk
         pos = DF.bound_offsets(
             offset,
             reference,
@@ -264,13 +273,49 @@ class DeformableAttention2d(nn.Module):
             return DF.pool_keys(x, Hk, Wk)
         return DF.sample_keys(x, pos, self.offset_groups, self.sampler)
 
+    def position_bias_params(self) -> DF.PositionBias | None:
+        """The bias on the attention logits as a backend receives it (None for ``"dwc"`` and ``"none"``)."""
+        kind = self.pos_bias
+        if kind in ("table", "fixed"):
+            params: tuple[Tensor, ...] = (self.rpe_table,)
+        elif kind == "log_cpb":
+            lin1, lin2 = self.rpe_table[0], self.rpe_table[2]
+            params = (lin1.weight, lin1.bias, lin2.weight)
+        else:
+            return None
+        return DF.PositionBias(kind, params, self.offset_groups, self.version, self.sampler)
+
+    def position_bias(self, H: int, W: int, pos: Tensor) -> Tensor | None:
+        """The reference (official-algorithm) bias on the logits: ``Tensor[B or 1, nH, H*W, Ns]`` or None."""
+        return DF.position_bias(self.position_bias_params(), H, W, pos)
+
     def forward(self, x: Tensor, return_sampling: bool = False):
         check_image_tensor(x, "x", _OWNER, channels=self.dim)
         B, C, H, W = x.shape
         if self.pos_bias == "fixed":
             self._check_fixed_size(H, W)
-        backend = select_backend(self, x)
-        y, pos, reference = backend(self, x)
+        nH, hc = self.num_heads, self.head_dim
+        q = self.proj_q(x)  # B, C, H, W
+        pos, reference = self.sampling_positions(q)  # BG, Hk, Wk, 2 ; Hk, Wk, 2
+        xs = self.sample_kv_input(x, pos).transpose(1, 2)  # B, Ns, C
+        Ns = xs.shape[1]
+        k = _conv1x1(self.proj_k, xs).reshape(B, Ns, nH, hc).transpose(1, 2)  # B, nH, Ns, hc
+        v = _conv1x1(self.proj_v, xs).reshape(B, Ns, nH, hc).transpose(1, 2)  # B, nH, Ns, hc
+        qh = q.reshape(B, nH, hc, H * W).transpose(-1, -2)  # B, nH, H*W, hc
+        bias = self.position_bias_params()
+        problem = Problem.of(
+            qh, k, v, pos, *(bias.params if bias is not None else ()),
+            sizes={"B": B, "nH": nH, "H": H, "W": W, "Ns": Ns, "hc": hc},
+            plain_ops=self.sampler == "gather", sampler=self.sampler,
+        )
+        backend = select_backend(DEFORMABLE_OP, problem, self.backend, owner=_OWNER)
+        out = backend(
+            qh, k, v, pos, bias, H=H, W=W, scale=self.scale, attn_drop=self.attn_drop, training=self.training
+        )  # B, nH, H*W, hc
+        out = out.transpose(-1, -2).reshape(B, C, H, W)
+        if self.pos_bias == "dwc":
+            out = out + self.rpe_table(q)
+        y = F.dropout(self.proj_out(out), p=self.proj_drop, training=self.training)
         if not return_sampling:
             return y
         G = self.offset_groups

@@ -229,6 +229,8 @@ def _add_checkpoint_options(parser: argparse.ArgumentParser) -> None:
                         help="use the EMA weights (runs trained with --ema)")
     parser.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda' or 'cuda:N' (default: auto)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+                        help="autocast precision of the forward pass, CPU or GPU (default: fp32)")
 
 
 def _require_checkpoint(args: argparse.Namespace) -> str:
@@ -254,7 +256,8 @@ def _eval(args: argparse.Namespace, explicit: set[str]) -> int:
     from .train import evaluate_checkpoint
 
     r = evaluate_checkpoint(_require_checkpoint(args), split=args.split, data=args.data, batch_size=args.batch_size,
-                            ema=args.ema, device=args.device, workers=args.workers, max_samples=args.max_samples)
+                            ema=args.ema, device=args.device, workers=args.workers, max_samples=args.max_samples,
+                            precision=args.precision)
     if args.json:
         print(json.dumps(r, indent=1))
     else:
@@ -280,7 +283,8 @@ def _configure_predict(parser: argparse.ArgumentParser) -> None:
 def _predict(args: argparse.Namespace, explicit: set[str]) -> int:
     from .train import predict_images
 
-    results = predict_images(_require_checkpoint(args), args.images, topk=args.topk, ema=args.ema, device=args.device)
+    results = predict_images(_require_checkpoint(args), args.images, topk=args.topk, ema=args.ema, device=args.device,
+                             precision=args.precision)
     for r in results:
         if r.get("warning"):
             print(f"deformattn predict: warning: {r['warning']}", file=sys.stderr)

@@ -28,10 +28,17 @@ Degenerate axes (length 1). The official DAT++ formulas divide by ``Hk - 1`` and
   ``ZeroDivisionError``. Here the reference is the map centre (``0``) and the offset range is ``1`` (one half
   of the normalised span), i.e. the v1 formulas, which are the limit of a sensible grid.
 * Query map of length 1: the official query coordinate is ``0 / 0 = NaN``; here it is the centre, ``0``.
+
+Precision. Positions, bilinear weights and position biases are computed in :func:`coord_dtype` (float32 for
+bfloat16 / float16 models, the model's dtype otherwise): in bfloat16 a 56-pixel map resolves only a quarter pixel
+near its far edge, and PyTorch's CPU ``grid_sample`` in half precision on a channels_last input returns garbage
+(docs/grid_sample_channels_last_lowp.md). Sampled values come back in the features' dtype, so keys, values and the
+attention stay in the model's precision.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +46,7 @@ from torch import Tensor
 
 __all__ = [
     "POS_BIAS_KINDS",
+    "coord_dtype",
     "VERSIONS",
     "key_grid_size",
     "reference_points",
@@ -52,12 +60,20 @@ __all__ = [
     "table_bias",
     "log_cpb_bias",
     "log_cpb_coords",
+    "log_cpb_bias_fn",
     "attention_core",
+    "PositionBias",
+    "position_bias",
 ]
 
 POS_BIAS_KINDS = ("table", "fixed", "dwc", "log_cpb", "none")
 SAMPLERS = ("grid_sample", "gather")
 VERSIONS = ("pp", "v1")
+
+
+def coord_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype positions, interpolation weights and biases are computed in: at least float32."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def key_grid_size(size: int, kernel_size: int, stride: int, padding: int) -> int:
@@ -167,6 +183,9 @@ def grid_sample_gather(input: Tensor, grid: Tensor) -> Tensor:
     """``F.grid_sample(input, grid, mode="bilinear", padding_mode="zeros", align_corners=True)`` built from
     ``gather`` and arithmetic only (no GridSample operator), for runtimes without a correct GridSample.
 
+    Coordinates and weights are computed in :func:`coord_dtype` of the grid, the sum of the four taps too; the
+    result has the input's dtype.
+
     Args:
         input (Tensor[N, C, H, W]); grid (Tensor[N, Ho, Wo, 2]) normalised (x, y).
 
@@ -175,29 +194,39 @@ def grid_sample_gather(input: Tensor, grid: Tensor) -> Tensor:
     """
     N, C, H, W = input.shape
     Ho, Wo = grid.shape[1:3]
+    acc = coord_dtype(torch.promote_types(input.dtype, grid.dtype))
+    grid = grid.to(acc)
     ix = (grid[..., 0] + 1.0) * (0.5 * (W - 1))  # N, Ho, Wo (pixel coordinates)
     iy = (grid[..., 1] + 1.0) * (0.5 * (H - 1))
     x0, y0 = torch.floor(ix), torch.floor(iy)
     wx1, wy1 = ix - x0, iy - y0
     wx0, wy0 = 1.0 - wx1, 1.0 - wy1
     flat = input.reshape(N, C, H * W)
-    out = input.new_zeros(N, C, Ho * Wo)
+    out = torch.zeros(N, C, Ho * Wo, dtype=acc, device=input.device)
     for dy, wy in ((0, wy0), (1, wy1)):
         for dx, wx in ((0, wx0), (1, wx1)):
             xi, yi = x0 + dx, y0 + dy
             valid = (xi >= 0) & (xi <= W - 1) & (yi >= 0) & (yi <= H - 1)  # zeros outside the map
             idx = (yi.clamp(0, H - 1) * W + xi.clamp(0, W - 1)).to(torch.int64).reshape(N, 1, Ho * Wo)
-            w = (wx * wy * valid.to(input.dtype)).reshape(N, 1, Ho * Wo)
-            out = out + torch.gather(flat, 2, idx.expand(N, C, Ho * Wo)) * w
-    return out.reshape(N, C, Ho, Wo)
+            w = (wx * wy * valid.to(acc)).reshape(N, 1, Ho * Wo)
+            out = out + torch.gather(flat, 2, idx.expand(N, C, Ho * Wo)).to(acc) * w
+    return out.reshape(N, C, Ho, Wo).to(input.dtype)
 
 
 def bilinear_sample(input: Tensor, grid: Tensor, sampler: str = "grid_sample") -> Tensor:
     """Bilinear sampling, zeros outside, ``align_corners=True``; ``sampler`` picks ``grid_sample`` or the
-    gather-only equivalent :func:`grid_sample_gather` (same values and gradients)."""
+    gather-only equivalent :func:`grid_sample_gather` (same values and gradients).
+
+    Half-precision inputs are sampled in float32 (contiguous) and the result cast back: PyTorch's half-precision
+    ``grid_sample`` computes pixel coordinates in half precision and, on channels_last inputs on the CPU, returns
+    wrong values (docs/grid_sample_channels_last_lowp.md). The grid is always used in :func:`coord_dtype`.
+    """
     if sampler == "gather":
         return grid_sample_gather(input, grid)
-    return F.grid_sample(input, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+    acc = coord_dtype(input.dtype)
+    src = input if input.dtype == acc else input.to(acc, memory_format=torch.contiguous_format)
+    out = F.grid_sample(src, grid.to(acc), mode="bilinear", padding_mode="zeros", align_corners=True)
+    return out.to(input.dtype)
 
 
 def sample_keys(x: Tensor, pos: Tensor, groups: int, sampler: str = "grid_sample") -> Tensor:
@@ -242,8 +271,10 @@ def table_bias(table: Tensor, q_grid: Tensor, pos: Tensor, groups: int, sampler:
         pos (Tensor[B*G, Hk, Wk, 2]): key positions.
 
     Returns:
-        Tensor[B, nH, H*W, Ns]
+        Tensor[B, nH, H*W, Ns] in :func:`coord_dtype` (a half-precision table is read in float32)
     """
+    acc = coord_dtype(torch.promote_types(table.dtype, pos.dtype))
+    table, q_grid, pos = table.to(acc), q_grid.to(acc), pos.to(acc)
     nH, Th, Tw = table.shape
     BG = pos.shape[0]
     B = BG // groups
@@ -272,13 +303,27 @@ def log_cpb_coords(q_grid: Tensor, pos: Tensor) -> Tensor:
 
 
 def log_cpb_bias(mlp: torch.nn.Module, q_grid: Tensor, pos: Tensor, groups: int) -> Tensor:
-    """Continuous position bias: an MLP of the log-spaced displacement, shared by the groups.
+    """Continuous position bias: an MLP (``Linear(2, 32), ReLU, Linear(32, hg)``) of the log-spaced displacement,
+    shared by the groups, evaluated in :func:`coord_dtype` whatever the MLP's dtype.
 
     Returns:
         Tensor[B, nH, H*W, Ns]
     """
+    lin1, lin2 = mlp[0], mlp[2]
+    return log_cpb_bias_fn(q_grid, pos, groups, lin1.weight, lin1.bias, lin2.weight)
+
+
+def log_cpb_bias_fn(q_grid: Tensor, pos: Tensor, groups: int, w1: Tensor, b1: Tensor | None, w2: Tensor) -> Tensor:
+    """:func:`log_cpb_bias` from the MLP's weights (``w1`` Tensor[32, 2], ``b1`` Tensor[32], ``w2`` Tensor[hg, 32]).
+
+    Returns:
+        Tensor[B, nH, H*W, Ns] in :func:`coord_dtype` of the positions.
+    """
     BG = pos.shape[0]
-    bias = mlp(log_cpb_coords(q_grid, pos))  # BG, Nq, Ns, hg
+    acc = coord_dtype(pos.dtype)
+    coords = log_cpb_coords(q_grid.to(acc), pos.to(acc))  # BG, Nq, Ns, 2
+    b1 = None if b1 is None else b1.to(acc)
+    bias = F.linear(F.relu(F.linear(coords, w1.to(acc), b1)), w2.to(acc))  # BG, Nq, Ns, hg
     B, hg = BG // groups, bias.shape[-1]
     return bias.permute(0, 3, 1, 2).reshape(B, groups * hg, bias.shape[1], bias.shape[2])
 
@@ -297,7 +342,8 @@ def attention_core(
 
     Args:
         q (Tensor[B, nH, hc, Nq]), k (Tensor[B, nH, hc, Ns]), v (Tensor[B, nH, hc, Ns])
-        bias (Tensor[B or 1, nH, Nq, Ns] or None): added to the scaled logits.
+        bias (Tensor[B or 1, nH, Nq, Ns] or None): added to the scaled logits; a bias of higher precision than
+            ``q`` (float32 with a half-precision model) makes the softmax run in its precision.
         training: dropout on the attention weights only when True (explicit, never implied).
 
     Returns:
@@ -308,4 +354,45 @@ def attention_core(
         attn = attn + bias
     attn = attn.softmax(dim=-1)
     attn = F.dropout(attn, p=attn_drop, training=training)
-    return torch.einsum("bhmn,bhcn->bhcm", attn, v)  # B, nH, hc, Nq
+    return torch.einsum("bhmn,bhcn->bhcm", attn.to(v.dtype), v)  # B, nH, hc, Nq
+
+
+@dataclass(frozen=True)
+class PositionBias:
+    """The parameters of a relative position bias that acts on the attention logits, as a backend receives them.
+
+    Attributes:
+        kind: ``"table"``, ``"fixed"`` or ``"log_cpb"`` (``"dwc"`` acts on the output, ``"none"`` has no bias:
+            neither reaches a backend).
+        params: ``table``: (Tensor[nH, Th, Tw],); ``fixed``: (Tensor[nH, H*W, Ns],); ``log_cpb``: the MLP's
+            ``(w1 Tensor[32, 2], b1 Tensor[32], w2 Tensor[hg, 32])``.
+        groups: ``G`` (heads are ordered group-major).
+        version: ``"pp"`` or ``"v1"`` (query coordinates, table extent).
+        sampler: how the reference reads the table (``"grid_sample"`` or ``"gather"``).
+    """
+
+    kind: str
+    params: tuple[Tensor, ...]
+    groups: int
+    version: str = "pp"
+    sampler: str = "grid_sample"
+
+
+def position_bias(bias: PositionBias | None, H: int, W: int, pos: Tensor) -> Tensor | None:
+    """The additive attention bias, the official way (the reference backend's): ``Tensor[B or 1, nH, H*W, Ns]``.
+
+    Args:
+        pos (Tensor[B*G, Hk, Wk, 2]): key positions, normalised (y, x).
+    """
+    if bias is None:
+        return None
+    if bias.kind == "fixed":
+        (table,) = bias.params
+        Ns = pos.shape[1] * pos.shape[2]
+        return table.reshape(1, table.shape[0], H * W, Ns)
+    q_grid = query_grid(H, W, version=bias.version, device=pos.device, dtype=coord_dtype(pos.dtype))
+    if bias.kind == "table":
+        return table_bias(bias.params[0], q_grid, pos, bias.groups, bias.sampler)
+    if bias.kind == "log_cpb":
+        return log_cpb_bias_fn(q_grid, pos, bias.groups, *bias.params)
+    raise ValueError(f"position_bias: kind must be 'table', 'fixed' or 'log_cpb', got {bias.kind!r}")

@@ -1,55 +1,55 @@
-"""Backends of :class:`~deformattn.DeformableAttention2d`, chosen by one dispatcher.
+"""Backends of the package's attention ops, chosen by one dispatcher (:mod:`.dispatch`).
 
-* ``"reference"``: the official algorithm (einsum + ``grid_sample``), the ground truth.
-* ``"fast"``: fused scaled-dot-product attention over query chunks, with the table bias gathered directly from the
-  table (no displacement tensor, no ``grid_sample`` over the table) and memory bounded by the chunk size.
+Deformable attention (op ``"deformable_attention"``, registered here; :class:`~deformattn.DeformableAttention2d`
+computes the projections, offsets, sampled keys and output projection and hands a backend tensors only):
 
-``backend=None`` picks ``"fast"`` (it supports every configuration), except with ``sampler="gather"``, which asks
-for plain, exportable operations and so runs ``"reference"``. ``DEFORMATTN_BACKEND`` (environment variable) overrides
-the automatic choice, e.g. to run a whole model on the reference path.
+* ``"fast"``: fused scaled-dot-product attention over blocks of query rows, with the table bias gathered directly
+  from the table (no displacement tensor) and memory bounded by the block size. Preferred.
+* ``"reference"``: the official algorithm (einsum + ``grid_sample`` of the table), the ground truth; plain ops
+  (``plain_ops=True``), so it is the automatic choice under ``sampler="gather"`` (export tracing).
 
-:class:`~deformattn.layers.NeighborhoodAttention2d` (the backbones' other two-path token mixer) follows the same
-rule through :func:`resolve_backend`: its own ``backend`` attribute, else ``$DEFORMATTN_BACKEND``, else ``"fast"``.
-Window attention has one path (the official matmul + softmax).
+Neighborhood attention (op ``"neighborhood_attention"``) registers its ``"fast"`` (tiled) and ``"reference"``
+(gathered) backends from :mod:`deformattn.layers.neighborhood_attention`. Window attention has one path.
+
+``$DEFORMATTN_BACKEND`` names the backend for every op that has one of that name (e.g. ``reference`` runs a whole
+model on the reference paths); an explicit ``backend=`` argument wins over it.
 """
 from __future__ import annotations
 
-import os
-from typing import TYPE_CHECKING, Callable
-
-from torch import Tensor
-
 from . import fast, reference
+from .dispatch import (
+    ENV_VAR,
+    Backend,
+    Problem,
+    backend_names,
+    check_backend_name,
+    get_backend,
+    register_backend,
+    registered_ops,
+    select_backend,
+)
 
-if TYPE_CHECKING:  # pragma: no cover
-    from ..attention import DeformableAttention2d
+__all__ = [
+    "DEFORMABLE_OP",
+    "ENV_VAR",
+    "Backend",
+    "Problem",
+    "backend_names",
+    "check_backend_name",
+    "get_backend",
+    "register_backend",
+    "registered_ops",
+    "select_backend",
+]
 
-BackendFn = Callable[["DeformableAttention2d", Tensor], "tuple[Tensor, Tensor, Tensor]"]
-
-BACKENDS: dict[str, BackendFn] = {"reference": reference.forward, "fast": fast.forward}
-
-
-BACKEND_NAMES = tuple(BACKENDS)
-
-
-def resolve_backend(owner: str, requested: str | None) -> str:
-    """``requested``, else ``$DEFORMATTN_BACKEND``, else ``"fast"``; an unknown name is a ``ValueError``."""
-    name = requested or os.environ.get("DEFORMATTN_BACKEND") or "fast"
-    if name not in BACKEND_NAMES:
-        source = "backend" if requested else "$DEFORMATTN_BACKEND"
-        raise ValueError(f"{owner}: {source} must be one of {BACKEND_NAMES}, got {name!r}")
-    return name
+DEFORMABLE_OP = "deformable_attention"
 
 
-def check_backend_arg(owner: str, backend: str | None) -> str | None:
-    """Validate a constructor's ``backend`` argument (``None`` or one of :data:`BACKEND_NAMES`)."""
-    if backend is not None and backend not in BACKEND_NAMES:
-        raise ValueError(f"{owner}: backend must be None or one of {BACKEND_NAMES}, got {backend!r}")
-    return backend
+def _floating(problem: Problem) -> str | None:
+    if not problem.dtype.is_floating_point:
+        return f"needs floating-point inputs, got {problem.dtype}"
+    return None
 
 
-def select_backend(m: "DeformableAttention2d", x: Tensor) -> BackendFn:
-    """The backend the module asked for, else ``$DEFORMATTN_BACKEND``, else ``"fast"``."""
-    if m.sampler == "gather" and m.backend is None:
-        return BACKENDS["reference"]  # the exportable path: plain ops only
-    return BACKENDS[resolve_backend("DeformableAttention2d", m.backend)]
+register_backend(DEFORMABLE_OP, "fast", fast.forward, _floating)
+register_backend(DEFORMABLE_OP, "reference", reference.forward, _floating, plain_ops=True)

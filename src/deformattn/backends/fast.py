@@ -20,17 +20,15 @@ What it changes (and why):
 """
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from .. import functional as DF
-
-if TYPE_CHECKING:  # pragma: no cover
-    from ..attention import DeformableAttention2d
 
 # Elements of one bias/attention block (B * nH * rows * W * Ns): 1M floats = 4 MB in float32, which bounds the
 # memory of a block's intermediates (and of the backward pass). Measured forward, 1 thread, fewer/larger blocks:
@@ -42,7 +40,41 @@ _MIN_ROWS = int(os.environ.get("DEFORMATTN_MIN_ROWS", 8))
 # Below this many attention elements autograd keeps the whole attention matrix (cheaper than recomputing it).
 _SAVE_ELEMS = int(os.environ.get("DEFORMATTN_SAVE_ELEMS", 1 << 23))
 
+# the private CPU flash-attention kernel that returns the log-sum-exp; off: the generic (CUDA / other devices) branch
+_CPU_FLASH = True
+
 BiasFn = Callable[[int, int, Sequence[Tensor]], Tensor]
+
+
+@contextlib.contextmanager
+def tuning(
+    *,
+    block_elems: int | None = None,
+    min_rows: int | None = None,
+    save_elems: int | None = None,
+    cpu_flash: bool | None = None,
+) -> Iterator[None]:
+    """Temporarily change the fast backend's knobs (None keeps a knob): ``block_elems`` bias entries per block of
+    query rows, ``min_rows`` rows per block in inference, ``save_elems`` the size below which autograd keeps the
+    whole attention matrix (0: always the recomputing backward), ``cpu_flash=False`` runs the generic attention
+    branch (what CUDA and other devices run) on the CPU too. Tests use it to force every branch on the CPU."""
+    global _BLOCK_ELEMS, _MIN_ROWS, _SAVE_ELEMS, _CPU_FLASH
+    saved = (_BLOCK_ELEMS, _MIN_ROWS, _SAVE_ELEMS, _CPU_FLASH)
+    for name, value in (("block_elems", block_elems), ("min_rows", min_rows), ("save_elems", save_elems)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+            raise ValueError(f"tuning: {name} must be an int >= 0, got {value!r}")
+    if block_elems is not None:
+        _BLOCK_ELEMS = max(block_elems, 1)
+    if min_rows is not None:
+        _MIN_ROWS = min_rows
+    if save_elems is not None:
+        _SAVE_ELEMS = save_elems
+    if cpu_flash is not None:
+        _CPU_FLASH = bool(cpu_flash)
+    try:
+        yield
+    finally:
+        _BLOCK_ELEMS, _MIN_ROWS, _SAVE_ELEMS, _CPU_FLASH = saved
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -221,21 +253,21 @@ def _general_table_bias(table: Tensor, qy: Tensor, qx: Tensor, p: Tensor) -> Ten
 
 
 def _make_table_bias_fn(
-    m: "DeformableAttention2d", H: int, W: int, pos: Tensor, window: bool
+    table: Tensor, groups: int, version: str, H: int, W: int, pos: Tensor, window: bool
 ) -> tuple[BiasFn, list[Tensor]]:
-    table = m.rpe_table
-    nH = m.num_heads
-    G = m.offset_groups
+    nH, Th, Tw = table.shape
+    G = groups
     hg = nH // G
-    _, Th, Tw = table.shape
     BG, Hk, Wk, _ = pos.shape
     B, Ns = BG // G, Hk * Wk
-    # in the table's dtype: under autocast the positions come out of the offset convs in half precision
-    qg = DF.query_grid(H, W, version=m.version, device=pos.device, dtype=table.dtype)  # H, W, 2
+    # coordinates, weights and the bias in float32 at least, whatever the model's dtype (a bfloat16 table
+    # coordinate resolves a quarter cell on a 56-row table)
+    acc = DF.coord_dtype(torch.promote_types(table.dtype, pos.dtype))
+    qg = DF.query_grid(H, W, version=version, device=pos.device, dtype=acc)  # H, W, 2
     qy, qx = qg[:, 0, 0], qg[0, :, 1]
-    p = pos.reshape(B, G, Ns, 2).to(table.dtype)
-    table4 = table.reshape(G, hg, Th, Tw)
-    S, Sxi = _table_step(Th, H, m.version), _table_step(Tw, W, m.version)
+    p = pos.reshape(B, G, Ns, 2).to(acc)
+    table4 = table.reshape(G, hg, Th, Tw).to(acc)
+    S, Sxi = _table_step(Th, H, version), _table_step(Tw, W, version)
 
     if window and S is not None and Sxi is not None:
         A_y, A_x = (Th - 1) / 4.0, (Tw - 1) / 4.0
@@ -259,39 +291,34 @@ def _make_table_bias_fn(
 
 
 def _make_bias_fn(
-    m: "DeformableAttention2d", H: int, W: int, pos: Tensor, window: bool = True
+    bias: DF.PositionBias | None, H: int, W: int, pos: Tensor, window: bool = True
 ) -> tuple[BiasFn | None, list[Tensor]]:
-    """The bias of the module's kind as ``bias_fn(r0, r1, tensors) -> Tensor[B or 1, nH, (r1-r0)*W, Ns]`` plus the
-    tensors it reads (the custom backward differentiates with respect to them). ``window`` allows the window
-    gather for the table bias (fastest forward; its multi-pass backward only pays off on large maps)."""
-    kind = m.pos_bias
+    """The bias as ``bias_fn(r0, r1, tensors) -> Tensor[B or 1, nH, (r1-r0)*W, Ns]`` plus the tensors it reads (the
+    custom backward differentiates with respect to them). ``window`` allows the window gather for the table bias
+    (fastest forward; its multi-pass backward only pays off on large maps)."""
+    if bias is None:
+        return None, []
     BG, Hk, Wk, _ = pos.shape
     Ns = Hk * Wk
-    if kind == "table":
-        return _make_table_bias_fn(m, H, W, pos, window)
-    if kind == "fixed":
-        nH = m.num_heads
+    if bias.kind == "table":
+        return _make_table_bias_fn(bias.params[0], bias.groups, bias.version, H, W, pos, window)
+    if bias.kind == "fixed":
+        nH = bias.params[0].shape[0]
 
         def fixed_fn(r0: int, r1: int, tensors: Sequence[Tensor]) -> Tensor:
             return tensors[0].reshape(1, nH, H, W, Ns)[:, :, r0:r1].reshape(1, nH, (r1 - r0) * W, Ns)
 
-        return fixed_fn, [m.rpe_table]
-    if kind == "log_cpb":
-        mlp = m.rpe_table
-        lin1, lin2 = mlp[0], mlp[2]
-        G = m.offset_groups
-        qg = DF.query_grid(H, W, version=m.version, device=pos.device, dtype=pos.dtype)
+        return fixed_fn, [bias.params[0]]
+    if bias.kind == "log_cpb":
+        G = bias.groups
+        qg = DF.query_grid(H, W, version=bias.version, device=pos.device, dtype=DF.coord_dtype(pos.dtype))
 
         def cpb_fn(r0: int, r1: int, tensors: Sequence[Tensor]) -> Tensor:
             p_, w1, b1, w2 = tensors
-            # the MLP's dtype: the custom backward recomputes this outside autocast (half positions, float32 MLP)
-            coords = DF.log_cpb_coords(qg[r0:r1], p_).to(w1.dtype)  # BG, Nc, Ns, 2
-            bias = F.linear(F.relu(F.linear(coords, w1, b1)), w2)  # BG, Nc, Ns, hg
-            B, hg = BG // G, bias.shape[-1]
-            return bias.permute(0, 3, 1, 2).reshape(B, G * hg, bias.shape[1], Ns)
+            return DF.log_cpb_bias_fn(qg[r0:r1], p_, G, w1, b1, w2)  # B, nH, Nc, Ns
 
-        return cpb_fn, [pos, lin1.weight, lin1.bias, lin2.weight]
-    return None, []
+        return cpb_fn, [pos, *bias.params]
+    raise ValueError(f"fast backend: bias kind must be 'table', 'fixed' or 'log_cpb', got {bias.kind!r}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -311,7 +338,7 @@ def _row_blocks(B: int, nH: int, H: int, W: int, Ns: int, inference: bool) -> li
 
 def _sdpa_lse(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> tuple[Tensor, Tensor]:
     """Attention output and per-query log-sum-exp of the logits."""
-    if q.device.type == "cpu":
+    if q.device.type == "cpu" and _CPU_FLASH:
         op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
         if op is not None and q.shape[-2] > 0 and k.shape[-2] > 0:
             # the private kernel needs a unit stride along the head dimension
@@ -412,7 +439,7 @@ def attend(
         # dropout needs its random mask in the backward pass: let autograd keep the blocks
         outs = []
         for r0, r1 in blocks:
-            mask = bias_fn(r0, r1, bias_inputs) if bias_fn is not None else None
+            mask = bias_fn(r0, r1, bias_inputs).to(q.dtype) if bias_fn is not None else None
             outs.append(
                 F.scaled_dot_product_attention(
                     q[:, :, r0 * W : r1 * W], k, v, attn_mask=mask, dropout_p=drop, scale=scale
@@ -421,49 +448,58 @@ def attend(
         return torch.cat(outs, dim=2)
     if not needs_grad:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
+        # in half precision the CPU's fused attention kernel is slower than matmul + softmax (benchmarks/RESULTS.md)
+        unfused = q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16)
+        kT = k.transpose(-1, -2)
         for r0, r1 in blocks:
             mask = bias_fn(r0, r1, bias_inputs) if bias_fn is not None else None
             if mask is not None:
                 mask = mask.to(q.dtype)
-            out[:, :, r0 * W : r1 * W] = F.scaled_dot_product_attention(
-                q[:, :, r0 * W : r1 * W], k, v, attn_mask=mask, scale=scale
-            )
+            qb = q[:, :, r0 * W : r1 * W]
+            if unfused:
+                logits = torch.matmul(qb, kT).mul_(scale)  # B, nH, rows*W, Ns
+                if mask is not None:
+                    logits += mask
+                out[:, :, r0 * W : r1 * W] = torch.matmul(logits.softmax(-1), v)
+            else:
+                out[:, :, r0 * W : r1 * W] = F.scaled_dot_product_attention(qb, k, v, attn_mask=mask, scale=scale)
         return out
     if B * nH * Nq * Ns <= _SAVE_ELEMS:
         # small problem: plain autograd over one block (fused softmax backward, nothing recomputed)
         logits = torch.matmul(q * scale, k.transpose(-1, -2))  # B, nH, Nq, Ns
         if bias_fn is not None:
-            logits = logits + bias_fn(0, H, bias_inputs)
-        return torch.matmul(logits.softmax(-1), v)
+            logits = logits + bias_fn(0, H, bias_inputs)  # float32 with a half-precision model
+        return torch.matmul(logits.softmax(-1).to(v.dtype), v)
     return _BlockAttention.apply(q, k, v, bias_fn, blocks, W, scale, *bias_inputs)
 
 
-def _proj(conv: torch.nn.Conv2d, x: Tensor) -> Tensor:
-    """A 1x1 conv applied to Tensor[B, N, C] (channels last): Tensor[B, N, C_out]."""
-    return F.linear(x, conv.weight.reshape(conv.weight.shape[0], -1), conv.bias)
+def forward(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    pos: Tensor,
+    bias: DF.PositionBias | None,
+    *,
+    H: int,
+    W: int,
+    scale: float,
+    attn_drop: float = 0.0,
+    training: bool = False,
+) -> Tensor:
+    """Deformable attention over sampled keys; same arguments and result as :func:`.reference.forward`.
 
+    Args:
+        q (Tensor[B, nH, H*W, hc]), k, v (Tensor[B, nH, Ns, hc]), pos (Tensor[B*G, Hk, Wk, 2]).
 
-def forward(m: "DeformableAttention2d", x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    B, C, H, W = x.shape
-    nH, hc = m.num_heads, m.head_dim
-    q = m.proj_q(x)  # B, C, H, W
-    pos, reference = m.sampling_positions(q)  # BG, Hk, Wk, 2 ; Hk, Wk, 2
-    x_sampled = m.sample_kv_input(x, pos)  # B, C, Ns
-    Ns = x_sampled.shape[-1]
-    xs = x_sampled.transpose(1, 2)  # B, Ns, C
-    k = _proj(m.proj_k, xs).reshape(B, Ns, nH, hc).transpose(1, 2).contiguous()  # B, nH, Ns, hc
-    v = _proj(m.proj_v, xs).reshape(B, Ns, nH, hc).transpose(1, 2).contiguous()  # B, nH, Ns, hc
-    qh = q.reshape(B, nH, hc, H * W).transpose(-1, -2).contiguous()  # B, nH, H*W, hc
+    Returns:
+        Tensor[B, nH, H*W, hc]
+    """
+    B, nH, Nq, hc = q.shape
+    Ns = k.shape[-2]
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # B, nH, N, hc with unit stride along hc
+    params = bias.params if bias is not None else ()
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, pos, *params))
     # grid_sample's fused backward beats the window gather's when autograd keeps the whole (small) matrix
-    needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in m.parameters()))
-    window = not (needs_grad and B * nH * H * W * Ns <= _SAVE_ELEMS)
-    bias_fn, bias_inputs = _make_bias_fn(m, H, W, pos, window=window)
-    out = attend(
-        qh, k, v, bias_fn, bias_inputs, H=H, W=W, scale=m.scale, attn_drop=m.attn_drop, training=m.training
-    )  # B, nH, H*W, hc
-    out = out.transpose(-1, -2).reshape(B, C, H, W)
-    if m.pos_bias == "dwc":
-        out = out + m.rpe_table(q)
-    y = F.dropout(m.proj_out(out), p=m.proj_drop, training=m.training)
-    return y, pos, reference
-
+    window = not (needs_grad and B * nH * Nq * Ns <= _SAVE_ELEMS)
+    bias_fn, bias_inputs = _make_bias_fn(bias, H, W, pos, window=window)
+    return attend(q, k, v, bias_fn, bias_inputs, H=H, W=W, scale=scale, attn_drop=attn_drop, training=training)

@@ -11,8 +11,9 @@ and the bias is added after scaling. Maps smaller than ``k`` are zero-padded at 
 projection (so padded tokens carry the qkv bias and act as keys), as the official DAT++ module does, and the output
 is cropped back.
 
-Two backends, chosen like :class:`~deformattn.DeformableAttention2d`'s (``backend`` argument, else
-``$DEFORMATTN_BACKEND``, else ``"fast"``); neither needs a custom kernel or ``natten``:
+Two backends of the op ``"neighborhood_attention"``, registered here with the package's one dispatcher
+(:mod:`deformattn.backends.dispatch`: ``backend`` argument, else ``$DEFORMATTN_BACKEND``, else the first that can
+run the input, ``"fast"``; an unknown name is a ``ValueError``); neither needs a custom kernel or ``natten``:
 
 * ``"reference"`` gathers every query's neighbourhood with advanced indexing (``Tensor[B, nH, H, W, k, k, hd]``,
   ``k * k`` copies of every key and value) and reduces it with einsum: NATTEN's algorithm written out.
@@ -33,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._utils import check_float, check_image_tensor, check_int
-from ..backends import check_backend_arg, resolve_backend
+from ..backends.dispatch import Problem, check_backend_name, register_backend, select_backend
 
 __all__ = [
     "NeighborhoodAttention2d",
@@ -43,7 +44,10 @@ __all__ = [
     "neighborhood_attention2d",
     "neighborhood_tiles",
     "neighborhood_attention_tiled",
+    "NEIGHBORHOOD_OP",
 ]
+
+NEIGHBORHOOD_OP = "neighborhood_attention"
 
 
 def neighborhood_indices(length: int, kernel_size: int, device=None) -> tuple[Tensor, Tensor]:
@@ -217,11 +221,47 @@ def neighborhood_attention2d(
     Returns:
         Tensor[B, nH, H, W, hd]
     """
-    if resolve_backend("neighborhood_attention2d", backend) == "fast":
-        return neighborhood_attention_tiled(q, k, v, rpb, kernel_size, attn_drop=attn_drop, training=training)
+    problem = Problem.of(
+        q, k, v, rpb, sizes={"B": q.shape[0], "nH": q.shape[1], "H": q.shape[2], "W": q.shape[3], "k": kernel_size}
+    )
+    impl = select_backend(NEIGHBORHOOD_OP, problem, backend, owner="neighborhood_attention2d")
+    return impl(q, k, v, rpb, kernel_size, attn_drop=attn_drop, training=training)
+
+
+def neighborhood_attention_gathered(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    rpb: Tensor | None,
+    kernel_size: int,
+    *,
+    attn_drop: float = 0.0,
+    training: bool = False,
+) -> Tensor:
+    """The reference backend: every query's neighbourhood gathered (NATTEN's algorithm written out).
+
+    Args:
+        q, k, v (Tensor[B, nH, H, W, hd]): ``q`` already scaled; ``H, W >= kernel_size``.
+
+    Returns:
+        Tensor[B, nH, H, W, hd]
+    """
     attn = na2d_logits(q, k, rpb, kernel_size).softmax(dim=-1)
     attn = F.dropout(attn, p=attn_drop, training=training)
     return na2d_av(attn, v, kernel_size)
+
+
+def _fits(problem: Problem) -> str | None:
+    H, W, k = problem.sizes["H"], problem.sizes["W"], problem.sizes["k"]
+    if H < k or W < k:
+        return f"the map ({H}x{W}) must be at least kernel_size x kernel_size ({k}x{k})"
+    if not problem.dtype.is_floating_point:
+        return f"needs floating-point inputs, got {problem.dtype}"
+    return None
+
+
+register_backend(NEIGHBORHOOD_OP, "fast", neighborhood_attention_tiled, _fits, plain_ops=True)
+register_backend(NEIGHBORHOOD_OP, "reference", neighborhood_attention_gathered, _fits, plain_ops=True)
 
 
 class NeighborhoodAttention2d(nn.Module):
@@ -262,7 +302,7 @@ class NeighborhoodAttention2d(nn.Module):
             raise ValueError(f"{owner}: dim ({dim}) must be divisible by num_heads ({num_heads})")
         if dilation not in (None, 1):
             raise ValueError(f"{owner}: only dilation 1 (or None) is supported, got {dilation!r}")
-        self.backend = check_backend_arg(owner, backend)
+        self.backend = check_backend_name(owner, NEIGHBORHOOD_OP, backend)
         self.dim = dim
         self.kernel_size = kernel_size
         self.num_heads = num_heads

@@ -15,7 +15,8 @@ __all__ = ["RESUMABLE_CHANGES", "TrainConfig", "load_config_file"]
 
 # What a resumed run may change; anything else must match the checkpoint (else the run would not be a continuation).
 RESUMABLE_CHANGES = frozenset(
-    {"epochs", "output_dir", "workers", "threads", "device", "progress", "log_interval", "resume", "data"}
+    {"epochs", "output_dir", "workers", "threads", "device", "progress", "log_interval", "resume", "data",
+     "precision"}
 )
 
 
@@ -55,7 +56,10 @@ class TrainConfig:
     ema: bool = _opt(False, "keep an exponential moving average of the weights (evaluated and saved alongside)")
     ema_decay: float = _opt(0.999, "EMA decay per step")
     amp: bool = _opt(True, "mixed precision on GPU (bfloat16 where supported, else float16 with loss scaling); "
-                           "ignored on CPU")
+                           "ignored on CPU; what --precision auto follows")
+    precision: str = _opt("auto", "autocast precision: fp32 (none), bf16 (no loss scaling), fp16 (with a "
+                                  "GradScaler), on CPU and GPU; auto: --amp's rule", choices=("auto", "fp32", "bf16",
+                                                                                               "fp16"))
     test_fraction: float = _opt(0.25, "digits: fraction held out as the test split (stratified, fixed seed)")
     train_split: str = _opt("train", "ImageFolder: training subfolder")
     val_split: str = _opt("val", "ImageFolder: evaluation subfolder")

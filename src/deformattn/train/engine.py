@@ -20,7 +20,6 @@ import sys
 import time
 import warnings
 from collections.abc import Iterator
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +49,7 @@ from .distributed import (
     cleanup_distributed,
     init_distributed,
 )
+from .precision import autocast, grad_scaler, resolve_precision
 from .progress import Progress, format_seconds
 
 __all__ = ["ModelEma", "ShardSampler", "cosine_schedule", "evaluate", "param_groups", "train"]
@@ -116,23 +116,18 @@ class ShardSampler(Sampler[int]):
         return len(self.indices)
 
 
-def _autocast(device: torch.device, enabled: bool):
-    if not enabled or device.type != "cuda":
-        return nullcontext()
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast("cuda", dtype=dtype)
-
-
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, spec: DataSpec, env: DistEnv, *, amp: bool = False,
-             progress: Progress | None = None) -> dict[str, float]:
-    """Cross-entropy loss, top-1 and top-5 accuracy over ``loader`` (summed over ranks)."""
+             progress: Progress | None = None, precision: str = "auto") -> dict[str, float]:
+    """Cross-entropy loss, top-1 and top-5 accuracy over ``loader`` (summed over ranks); ``precision`` as
+    :func:`.precision.resolve_precision` (``auto`` follows ``amp``)."""
     was_training = model.training
     model.eval()
+    precision = resolve_precision(precision, env.device, amp=amp)
     loss_sum = correct1 = correct5 = count = 0.0
     for images, target in loader:
         images, target = images.to(env.device, non_blocking=True), target.to(env.device, non_blocking=True)
-        with _autocast(env.device, amp):
+        with autocast(env.device, precision):
             logits = model(spec.prepare(images))
         logits = logits.float()
         loss_sum += F.cross_entropy(logits, target, reduction="sum").item()
@@ -188,7 +183,7 @@ def _resolve_resume(config: TrainConfig, explicit: set[str]) -> tuple[TrainConfi
     merged = saved.to_dict()
     for key in ("device", "workers", "threads", "progress", "log_interval"):
         merged[key] = getattr(config, key)
-    for key in ("epochs", "data"):
+    for key in ("epochs", "data", "precision"):
         if key in explicit:
             merged[key] = getattr(config, key)
     keep_dir = "output_dir" in explicit or config.resume == "auto"
@@ -304,8 +299,8 @@ def _train(config: TrainConfig, explicit: set[str], env: DistEnv, session_start:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: cosine_schedule(step, total_steps=total_steps, warmup_steps=warmup_steps,
                                                 lr=config.lr, min_lr=config.min_lr))
-    use_amp = config.amp and env.device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and not torch.cuda.is_bf16_supported())
+    precision = resolve_precision(config.precision, env.device, amp=config.amp)
+    scaler = grad_scaler(env.device, precision)
     criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
 
     start_epoch, history, elapsed_before = 0, [], 0.0
@@ -313,7 +308,8 @@ def _train(config: TrainConfig, explicit: set[str], env: DistEnv, session_start:
         try:
             optimizer.load_state_dict(ckpt["optimizer"])
             scheduler.load_state_dict(ckpt["scheduler"])
-            scaler.load_state_dict(ckpt["scaler"])
+            if ckpt.get("scaler") and scaler.is_enabled():  # a run may resume in another --precision
+                scaler.load_state_dict(ckpt["scaler"])
             if ema is not None:
                 if ckpt.get("model_ema") is None:
                     raise CheckpointError("resume", "ema is on but the checkpoint has no EMA weights")
@@ -388,7 +384,7 @@ def _train(config: TrainConfig, explicit: set[str], env: DistEnv, session_start:
         for images, target in train_loader:
             images, target = images.to(env.device, non_blocking=True), target.to(env.device, non_blocking=True)
             x = spec.prepare(images, train=True, augment=config.augment, generator=aug_gen)
-            with _autocast(env.device, use_amp):
+            with autocast(env.device, precision):
                 logits = ddp_model(x)
                 loss = criterion(logits.float(), target)
             loss_value = loss.item()
@@ -416,9 +412,9 @@ def _train(config: TrainConfig, explicit: set[str], env: DistEnv, session_start:
 
         eval_progress = Progress(len(eval_loader), f"{desc} eval", mode=config.progress, enabled=env.is_main,
                                  plain=False)
-        metrics = evaluate(model, eval_loader, spec, env, amp=use_amp, progress=eval_progress)
+        metrics = evaluate(model, eval_loader, spec, env, precision=precision, progress=eval_progress)
         eval_progress.close()
-        ema_metrics = evaluate(ema.module, eval_loader, spec, env, amp=use_amp) if ema is not None else None
+        ema_metrics = evaluate(ema.module, eval_loader, spec, env, precision=precision) if ema is not None else None
         row = {
             "epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
             "train_loss": loss_sum / count, "train_acc": correct / count,
@@ -470,6 +466,7 @@ def _train(config: TrainConfig, explicit: set[str], env: DistEnv, session_start:
         "device": str(env.device),
         "world_size": env.world_size,
         "threads": torch.get_num_threads(),
+        "precision": precision,
         "replica_checksums": checksums,
         "replicas_identical": len(set(checksums)) == 1,
         "checkpoint": str(out / "last.pt"),

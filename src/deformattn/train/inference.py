@@ -16,6 +16,7 @@ from .data import DataSpec, build_splits, load_images
 from .distributed import DistEnv, resolve_device
 from ..models.registry import check_model_name
 from .engine import evaluate
+from .precision import autocast, resolve_precision
 
 __all__ = ["evaluate_checkpoint", "load_trained_model", "predict_images"]
 
@@ -48,9 +49,10 @@ def load_trained_model(checkpoint: str | Path, *, ema: bool = False, device: str
 
 def evaluate_checkpoint(checkpoint: str | Path, *, split: str | None = None, data: str | None = None,
                         batch_size: int = 128, ema: bool = False, device: str = "auto", workers: int = 2,
-                        max_samples: int | None = None) -> dict[str, Any]:
+                        max_samples: int | None = None, precision: str = "fp32") -> dict[str, Any]:
     """Loss, top-1 and top-5 of a checkpoint on ``split`` (default: the split it was evaluated on in training) of
-    its training data, or of another ImageFolder root ``data`` with the same classes."""
+    its training data, or of another ImageFolder root ``data`` with the same classes; ``precision``: autocast
+    precision (:mod:`.precision`)."""
     if batch_size < 1:
         raise InvalidArgumentError("batch_size", f"must be >= 1, got {batch_size}")
     model, ckpt, spec = load_trained_model(checkpoint, ema=ema, device=device)
@@ -65,29 +67,34 @@ def evaluate_checkpoint(checkpoint: str | Path, *, split: str | None = None, dat
     dev = next(model.parameters()).device
     loader = DataLoader(splits.eval, batch_size=batch_size, shuffle=False,
                         num_workers=workers if spec.kind != "digits" else 0)
-    metrics = evaluate(model, loader, spec, DistEnv(device=dev))
+    precision = resolve_precision(precision, dev)
+    metrics = evaluate(model, loader, spec, DistEnv(device=dev), precision=precision)
     return {"checkpoint": str(checkpoint), "model": ckpt["model_name"], "epoch": ckpt["epoch"],
             "dataset": "digits" if spec.kind == "digits" else str(config.data), "split": splits.eval_name,
-            "ema": ema, **metrics}
+            "ema": ema, "precision": precision, **metrics}
 
 
 @torch.no_grad()
 def predict_images(checkpoint: str | Path, images: Sequence[str | Path], *, topk: int = 5, ema: bool = False,
-                   device: str = "auto", batch_size: int = 64) -> list[dict[str, Any]]:
+                   device: str = "auto", batch_size: int = 64, precision: str = "fp32") -> list[dict[str, Any]]:
     """For each image: ``{"image": path, "top": [(class_name, probability), ...]}`` (``topk`` classes, best first),
-    plus ``"warning"`` when a digits checkpoint gets an image that looks inverted (dark ink on a light background)."""
+    plus ``"warning"`` when a digits checkpoint gets an image that looks inverted (dark ink on a light background);
+    ``precision``: autocast precision (:mod:`.precision`)."""
     if topk < 1:
         raise InvalidArgumentError("topk", f"must be >= 1, got {topk}")
     if not images:
         raise InvalidArgumentError("images", "give at least one image file")
     model, ckpt, spec = load_trained_model(checkpoint, ema=ema, device=device)
     dev = next(model.parameters()).device
+    precision = resolve_precision(precision, dev)
     names = ckpt["class_names"]
     k = min(topk, len(names))
     results = []
     for start in range(0, len(images), batch_size):
         chunk = list(images[start:start + batch_size])
-        probs = model(load_images(chunk, spec).to(dev)).float().softmax(dim=1)  # B, num_classes
+        with autocast(dev, precision):
+            logits = model(load_images(chunk, spec).to(dev))
+        probs = logits.float().softmax(dim=1)  # B, num_classes
         p, idx = probs.topk(k, dim=1)
         for path, pi, ii in zip(chunk, p.tolist(), idx.tolist(), strict=True):
             result = {"image": str(path), "top": [(names[i], prob) for i, prob in zip(ii, pi, strict=True)]}

@@ -5,7 +5,7 @@ change).
 How: :func:`record_sampling` puts a forward hook on every :class:`~deformattn.DeformableAttention2d`. After the
 layer has run, the hook takes the layer's input and recomputes, without gradients, what it needs with the layer's
 own functions - ``sampling_positions(proj_q(x))`` for the positions (the same call every backend makes), and for the
-chosen queries the reference algorithm (``sample_kv_input``, ``proj_k``, ``backends.reference.position_bias``,
+chosen queries the reference algorithm (``sample_kv_input``, ``proj_k``, ``DeformableAttention2d.position_bias``,
 ``softmax(q k * scale + bias)``, as in :func:`deformattn.functional.attention_core`). Nothing random runs (the
 weights are those before attention dropout), so the model's outputs and its RNG stream are unchanged.
 
@@ -27,7 +27,6 @@ import torch.nn as nn
 from torch import Tensor
 
 from ..attention import DeformableAttention2d
-from ..backends.reference import position_bias
 from .coords import relative_to_feature_index
 
 __all__ = ["LayerSampling", "SamplingRecorder", "record_sampling", "deformable_layers"]
@@ -116,7 +115,7 @@ def _query_attention(m: DeformableAttention2d, x: Tensor, q: Tensor, pos: Tensor
     idx = torch.tensor(index, dtype=torch.long, device=x.device)
     q_sel = q.reshape(B, nH, hc, H * W).index_select(-1, idx)  # B, nH, hc, n
     logits = torch.einsum("bhcm,bhcn->bhmn", q_sel, k).mul(m.scale)  # B, nH, n, Ns
-    bias = position_bias(m, H, W, pos)  # B or 1, nH, H*W, Ns
+    bias = m.position_bias(H, W, pos)  # B or 1, nH, H*W, Ns
     if bias is not None:
         logits = logits + bias.index_select(2, idx)
     return logits.softmax(dim=-1)
