@@ -83,6 +83,32 @@ def test_every_format_loads(name, fmt):
     assert report["loaded"] == len(expected) - (0 if fmt == "mmdet" else 2)
 
 
+@pytest.mark.parametrize("fixture", ["backbone_v1_tiny.pt", "backbone_pp_tiny.pt"])
+def test_official_code_state_dicts_as_mmdet_backbones(fixture):
+    """State dicts written by the official code itself (v1 and DAT++ fixtures), wrapped as an mmdet checkpoint."""
+    from conftest import fixture_dir, load_fixture
+
+    from deformattn.compat import backbone_from_official
+
+    fx = load_fixture(fixture_dir() / fixture)
+    official = fx["state_dict"]
+    ckpt = {"state_dict": {f"backbone.{k}": v for k, v in official.items() if not k.startswith("cls_")},
+            "meta": {"mmseg_version": "0.30.0"}}
+    model = backbone_from_official({**fx["config"], "num_classes": 3}, fx["version"]).double().eval()
+    report = load_initial_weights(model, select_weights(ckpt))
+    reference = backbone_from_official(fx["config"], fx["version"], official).double().eval()
+    own, ref = model.state_dict(), reference.state_dict()
+    for k in own:
+        if not k.startswith(("cls_head.", "cls_norm.")):
+            torch.testing.assert_close(own[k], ref[k], msg=k)
+    assert report["reinitialised"] == 4 and report["ignored"] == 0  # cls_head and cls_norm weight + bias
+    with torch.no_grad():  # the backbone computes what the official weights compute
+        ours = model.forward_intermediates(fx["input"], intermediates_only=True)
+        theirs = reference.forward_intermediates(fx["input"], intermediates_only=True)
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a, b)
+
+
 @pytest.mark.parametrize("name", VARIANTS)
 def test_same_class_count_keeps_the_classifier_and_img_size_resizes_tables(name):
     from deformattn.models.dat import checkpoint_filter_fn
