@@ -10,9 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models._pretrained import PretrainedCfg
-from timm.models._registry import is_model
+from timm.models import PretrainedCfg, build_model_with_cfg, generate_default_cfgs, is_model, register_model
 
 from .dat import DAT, MODEL_CONFIGS, checkpoint_filter_fn
 from .dat import default_cfgs as _our_cfgs

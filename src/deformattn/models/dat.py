@@ -23,8 +23,9 @@ registered variants.
 """
 from __future__ import annotations
 
+import functools
 import math
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -257,7 +258,8 @@ class DAT(nn.Module):
             stem and the ConvFFN variant of that code.
         img_size: image size the size-dependent parameters are built for (deformable bias tables, shifted-window
             masks); any input size runs (see ``forward_features``).
-        in_chans, num_classes, global_pool: input channels, classes (0: no classifier), ``"avg"`` or ``"max"``.
+        in_chans, num_classes, global_pool: input channels, classes (0: no classifier), pooling (timm's names:
+            ``"avg"``, ``"max"``, ``"avgmax"``, ``"catavgmax"``, ``"fast*"``; ``""``: none, see ``forward_head``).
         patch_size: stem stride (4 in every released model). conv_stem: overlapping conv stem and 3x3/2
             down-sampling (official ``use_conv_patches``) instead of patchify + 2x2/2.
         stem_dim: stem channels (default ``dims[0]``). dims, depths, num_heads: per stage.
@@ -323,8 +325,7 @@ class DAT(nn.Module):
         drop_rate = check_float(drop_rate, "drop_rate", _OWNER, minimum=0.0, maximum=1.0)
         attn_drop_rate = check_float(attn_drop_rate, "attn_drop_rate", _OWNER, minimum=0.0, maximum=1.0)
         drop_path_rate = check_float(drop_path_rate, "drop_path_rate", _OWNER, minimum=0.0, maximum=1.0)
-        if global_pool not in ("avg", "max"):
-            raise ValueError(f"{_OWNER}: global_pool must be 'avg' or 'max', got {global_pool!r}")
+        pool = _check_pool(global_pool, _OWNER)
         spec = _normalize_spec(stage_spec)
         dims = tuple(check_int(d, "dims", _OWNER, minimum=1) for d in _per_stage(dims, "dims"))
         heads = tuple(check_int(h, "num_heads", _OWNER, minimum=1) for h in _per_stage(num_heads, "num_heads"))
@@ -354,11 +355,12 @@ class DAT(nn.Module):
         self.img_size = img_size
         self.in_chans = in_chans
         self.num_classes = num_classes
-        self.global_pool = global_pool
+        self.global_pool = pool
         self.patch_size = patch_size
         self.dims = dims
         self.stage_spec = spec
-        self.num_features = self.head_hidden_size = dims[-1]
+        self.num_features = dims[-1]
+        self.head_hidden_size = dims[-1] * _pool_feat_mult(pool)
         self.drop_rate = drop_rate
         self.output_fmt = "NCHW"
         self.grad_checkpointing = False
@@ -414,7 +416,7 @@ class DAT(nn.Module):
             [Downsample(dims[i], dims[i + 1], overlapping=conv_stem) for i in range(NUM_STAGES - 1)]
         )
         self.cls_norm: nn.Module = LayerNormProxy(dims[-1])
-        self.cls_head: nn.Module = nn.Linear(dims[-1], num_classes) if num_classes > 0 else nn.Identity()
+        self.cls_head: nn.Module = nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
         """``nn.Module.load_state_dict``, all or nothing: keys and shapes are checked *before* anything is copied.
@@ -467,14 +469,30 @@ class DAT(nn.Module):
     def get_classifier(self) -> nn.Module:
         return self.cls_head
 
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Callable[[str], tuple[float, ...]]:
+        """timm's layer grouping (``timm.models.group_parameters``; layer-wise lr decay in
+        ``timm.optim.create_optimizer_v2(model, layer_decay=...)`` and ``deformattn train --layer-decay``).
+
+        Returns a function of a parameter / module name giving its ordinal, in data-path order: the stem, then one
+        group per block (``coarse``: per stage) with each down-sampling layer opening the stage it feeds, then
+        ``cls_norm``; ``cls_head`` is unmatched (``inf``, the last group) as in timm. A function rather than timm's
+        regex dict because block ``j`` owns ``layer_norms.{2j, 2j+1}`` and ``attns.{j}``: no regex capture gives
+        them one ordinal.
+        """
+        return functools.partial(_dat_group, coarse=coarse)
+
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        num_classes = check_int(num_classes, "num_classes", f"{_OWNER}.reset_classifier", minimum=0)
+        """A new classifier for ``num_classes`` (0: none); ``global_pool`` (None: unchanged) takes every value of
+        timm's ``SelectAdaptivePool2d``: ``avg``, ``max``, ``avgmax``, ``catavgmax`` (2x wide), their ``fast``
+        forms, and ``''`` (no pooling: :meth:`forward_head` returns maps)."""
+        owner = f"{_OWNER}.reset_classifier"
+        num_classes = check_int(num_classes, "num_classes", owner, minimum=0)
         if global_pool is not None:
-            if global_pool not in ("avg", "max"):
-                raise ValueError(f"{_OWNER}.reset_classifier: global_pool must be 'avg' or 'max', got {global_pool!r}")
-            self.global_pool = global_pool
+            self.global_pool = _check_pool(global_pool, owner)
+            self.head_hidden_size = self.num_features * _pool_feat_mult(self.global_pool)
         self.num_classes = num_classes
-        self.cls_head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.cls_head = nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
 
     def min_input_size(self) -> int:
         """Smallest accepted H and W: the total stride of the last stage (32 for the released models), so that
@@ -514,14 +532,18 @@ class DAT(nn.Module):
         return self.cls_norm(x)
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        """Pool the final map and classify: ``Tensor[B, C, h, w]`` -> logits ``Tensor[B, num_classes]`` (or the
-        pooled ``Tensor[B, C]`` with ``pre_logits=True``)."""
-        if self.global_pool == "max":
-            x = F.adaptive_max_pool2d(x, 1)
-        else:
-            x = F.adaptive_avg_pool2d(x, 1)
-        x = torch.flatten(x, 1)  # B, C
-        return x if pre_logits else self.cls_head(x)
+        """Pool the final map and classify: ``Tensor[B, C, h, w]`` -> logits ``Tensor[B, num_classes]``, or the
+        pooled ``Tensor[B, head_hidden_size]`` with ``pre_logits=True``.
+
+        With ``global_pool=''`` nothing is pooled: ``pre_logits=True`` returns the map itself and the classifier
+        runs at every position (``Tensor[B, num_classes, h, w]``; the map when ``num_classes=0``).
+        """
+        x = _global_pool(x, self.global_pool)  # B, C' (pooled) or B, C, h, w
+        if pre_logits:
+            return x
+        if x.dim() == 4:
+            return self.cls_head(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # B, num_classes, h, w
+        return self.cls_head(x)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))
@@ -580,9 +602,57 @@ class DAT(nn.Module):
         self.down_projs = self.down_projs[:max_index]
         if prune_norm or prune_end:
             self.cls_norm = nn.Identity()
+        self.num_features = self.dims[max_index]
+        self.head_hidden_size = self.num_features * _pool_feat_mult(self.global_pool)
         if prune_head:
             self.reset_classifier(0)
         return take
+
+
+# timm's SelectAdaptivePool2d names; the 'fast' forms pool the same values (timm's faster kernels for NCHW)
+POOL_TYPES = ("", "avg", "max", "avgmax", "catavgmax", "fast", "fastavg", "fastmax", "fastavgmax", "fastcatavgmax")
+
+
+def _check_pool(global_pool: Any, owner: str) -> str:
+    if not isinstance(global_pool, str) or global_pool.lower() not in POOL_TYPES:
+        raise ValueError(f"{owner}: global_pool must be one of {POOL_TYPES} ('': no pooling), got {global_pool!r}")
+    return global_pool.lower()
+
+
+def _pool_feat_mult(global_pool: str) -> int:
+    return 2 if global_pool.endswith("catavgmax") else 1
+
+
+def _global_pool(x: Tensor, global_pool: str) -> Tensor:
+    """``Tensor[B, C, h, w]`` -> ``Tensor[B, C]`` (``Tensor[B, 2C]`` for catavgmax; the map itself for ``''``)."""
+    if global_pool == "":
+        return x
+    kind = global_pool[4:] if global_pool.startswith("fast") else global_pool
+    if kind in ("", "avg"):  # "fast" alone is timm's fast average
+        return x.mean((2, 3))
+    if kind == "max":
+        return x.amax((2, 3))
+    avg, mx = x.mean((2, 3)), x.amax((2, 3))
+    return 0.5 * (avg + mx) if kind == "avgmax" else torch.cat([avg, mx], dim=1)  # B, 2C for catavgmax
+
+
+def _dat_group(name: str, *, coarse: bool) -> tuple[float, ...]:
+    """Ordinal of a parameter / module name for :meth:`DAT.group_matcher` (timm sorts and numbers them)."""
+    parts = name.split(".")
+    if parts[0] == "patch_proj":
+        return (0.0,)
+    if parts[0] == "down_projs" and len(parts) > 1:
+        return (1.0, int(parts[1]) + 1.0) if coarse else (1.0, int(parts[1]) + 1.0, -1.0)
+    if parts[0] == "stages" and len(parts) > 1:
+        stage = float(parts[1])
+        if coarse or len(parts) < 4 or parts[2] == "proj":
+            return (1.0, stage) if coarse else (1.0, stage, -1.0)
+        index = int(parts[3])
+        per_block = 2 if parts[2] in ("layer_norms", "layer_scales") else 1  # two norms / scales per block
+        return (1.0, stage, float(index // per_block))
+    if parts[0] == "cls_norm":
+        return (2.0,)
+    return (math.inf,)  # cls_head, as timm's unmatched head
 
 
 def _take_indices(num: int, indices: int | Sequence[int] | None) -> tuple[list[int], int]:
@@ -739,7 +809,7 @@ def _cfg(version: str, *, size: int = 224, crop_pct: float = 0.875, top1: float 
     return dict(
         url="", num_classes=num_classes, input_size=(3, size, size), pool_size=(size // reduction, size // reduction),
         crop_pct=crop_pct, crop_mode="center" if crop_pct < 1.0 else "squash", interpolation="bicubic",
-        mean=mean, std=std, first_conv="patch_proj.0", classifier="cls_head",
+        mean=mean, std=std, first_conv="patch_proj.0", classifier="cls_head", license="apache-2.0",
         top1=top1, params_m=params_m, gmacs=gmacs, **_PAPERS[version],
     )
 

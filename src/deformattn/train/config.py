@@ -43,7 +43,8 @@ class TrainConfig:
     min_lr: float = _opt(1e-5, "learning rate at the end of the cosine decay")
     weight_decay: float = _opt(0.05, "AdamW weight decay (never applied to biases, norms and position-bias tables)")
     warmup_epochs: float = _opt(2.0, "linear warmup length in epochs (fractions allowed)")
-    label_smoothing: float = _opt(0.1, "label smoothing of the training loss")
+    label_smoothing: float = _opt(0.1, "label smoothing of the training loss (DAT papers: 0.1)",
+                                  aliases=("--smoothing",))
     clip_grad: float = _opt(5.0, "clip the gradient norm to this value (0: no clipping)")
     drop_path: float | None = _opt(None, "stochastic-depth rate (default: the variant's)", metavar="RATE")
     model_kwargs: dict = _opt({}, "other model arguments as a JSON object, e.g. '{\"dims\": [16, 32, 64, 128]}'",
@@ -53,6 +54,25 @@ class TrainConfig:
     min_crop_scale: float = _opt(0.08, "ImageFolder: smallest RandomResizedCrop area fraction")
     crop_pct: float | None = _opt(None, "ImageFolder evaluation: resize to img_size / crop_pct, then center-crop "
                                         "(default: the variant's)", metavar="PCT")
+    mixup: float = _opt(0.0, "mixup alpha, 0: off (torchvision's MixUp on the batch; DAT papers on ImageNet: 0.8)")
+    cutmix: float = _opt(0.0, "cutmix alpha, 0: off (torchvision's CutMix; with --mixup each batch takes one of the "
+                              "two at random, as timm; DAT papers on ImageNet: 1.0)")
+    aa: str | None = _opt(None, "ImageFolder: timm auto-augment policy, e.g. 'rand-m9-mstd0.5-inc1' (RandAugment, "
+                                "DAT papers on ImageNet)", metavar="POLICY")
+    reprob: float = _opt(0.0, "random-erasing probability per image, 0: off (timm's RandomErasing, pixel mode; DAT "
+                              "papers on ImageNet: 0.25)")
+    color_jitter: float = _opt(0.0, "ImageFolder: color-jitter strength, 0: off (timm applies it only without "
+                                    "--aa; DAT papers on ImageNet: 0.4)")
+    initial_checkpoint: str | None = _opt(
+        None, "start a new run (epoch 0, fresh optimizer and schedule) from the weights in PATH: an official DAT "
+        "checkpoint, a deformattn training checkpoint, a bare state dict, or the backbone of an mmdet / mmseg "
+        "checkpoint; a classifier of another class count is re-initialised, position tables are resized to "
+        "--img-size", metavar="PATH")
+    initial_checkpoint_ema: bool = _opt(True, "--initial-checkpoint: take a training checkpoint's EMA weights when "
+                                              "it has them")
+    layer_decay: float | None = _opt(None, "layer-wise learning-rate decay (BEiT / timm): the layer k groups below "
+                                           "the classifier gets lr * LAYER_DECAY^k (e.g. 0.75 when fine-tuning)",
+                                     metavar="DECAY")
     ema: bool = _opt(False, "keep an exponential moving average of the weights (evaluated and saved alongside)")
     ema_decay: float = _opt(0.999, "EMA decay per step")
     amp: bool = _opt(True, "mixed precision on GPU (bfloat16 where supported, else float16 with loss scaling); "
@@ -149,6 +169,21 @@ class TrainConfig:
             v = getattr(self, name)
             if v is not None and not 0.0 < v <= 1.0:
                 raise ValueError(f"{flag(name)} must be in (0, 1], got {v}")
+        for name in ("mixup", "cutmix", "color_jitter"):
+            positive(name, zero=True)
+        if not 0.0 <= self.reprob < 1.0:
+            raise ValueError(f"--reprob must be in [0, 1), got {self.reprob}")
+        if self.layer_decay is not None and not 0.0 < self.layer_decay <= 1.0:
+            raise ValueError(f"--layer-decay must be in (0, 1], got {self.layer_decay}")
+        if self.data is None and (self.aa or self.color_jitter):
+            raise ValueError("--aa and --color-jitter apply to ImageFolder data (--data); the built-in digits are "
+                             "augmented on tensors (--mixup, --cutmix, --reprob work on both)")
+        if self.aa is not None and not self.aa.startswith(("rand", "augmix", "trivial", "original", "v0", "3a")):
+            raise ValueError(f"--aa must be a timm auto-augment policy such as 'rand-m9-mstd0.5-inc1', "
+                             f"'augmix-m5-w4-d2', 'trivialaugment' or 'original', got {self.aa!r}")
+        if self.resume is not None and self.initial_checkpoint is not None:
+            raise ValueError("--resume and --initial-checkpoint both set: --resume continues a run (its weights, "
+                             "optimizer and epoch), --initial-checkpoint starts a new one from weights; give one")
         if not 0.0 < self.test_fraction < 1.0:
             raise ValueError(f"--test-fraction must be in (0, 1), got {self.test_fraction}")
         if self.min_lr > self.lr:
@@ -182,7 +217,7 @@ class TrainConfig:
                     kwargs["metavar"] = f.metadata["metavar"]
                 shown = "" if default in (None, {}) else f" (default: {default})"
                 kwargs["help"] = help_text + shown
-            parser.add_argument("--" + f.name.replace("_", "-"), **kwargs)
+            parser.add_argument("--" + f.name.replace("_", "-"), *f.metadata.get("aliases", ()), **kwargs)
 
 
 def _json_object(text: str) -> dict:

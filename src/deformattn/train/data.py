@@ -179,8 +179,10 @@ def _imagefolder_splits(config: Any, spec: DataSpec, eval_split: str, train: boo
                                 f"{config.train_split}/ and {config.val_split}/ subfolders)")
     train_dir = _check_split_dir(root, config.train_split, "--train-split")
     eval_dir = _check_split_dir(root, eval_split, "--val-split" if eval_split == config.val_split else "--split")
+    recipe = {k: getattr(config, k, None) for k in ("aa", "reprob", "color_jitter")}
     train_set = _imagefolder(train_dir, build_transform(spec, train=True, augment=config.augment,
-                                                        min_crop_scale=config.min_crop_scale) if train else None)
+                                                        min_crop_scale=config.min_crop_scale, **recipe)
+                             if train else None)
     eval_set = _imagefolder(eval_dir, build_transform(spec, train=False))
     if eval_set.classes != train_set.classes:  # type: ignore[attr-defined]
         a, b = set(train_set.classes), set(eval_set.classes)  # type: ignore[attr-defined]
@@ -191,11 +193,25 @@ def _imagefolder_splits(config: Any, spec: DataSpec, eval_split: str, train: boo
     return Splits(train_set, eval_set, list(train_set.classes), spec, eval_split)  # type: ignore[attr-defined]
 
 
-def build_transform(spec: DataSpec, *, train: bool, augment: bool = True, min_crop_scale: float = 0.08) -> Any:
+def build_transform(spec: DataSpec, *, train: bool, augment: bool = True, min_crop_scale: float = 0.08,
+                    aa: str | None = None, reprob: float | None = None, color_jitter: float | None = None) -> Any:
     """torchvision transforms of an ImageFolder image: RandomResizedCrop + flip for training, resize to
-    ``img_size / crop_pct`` + center crop for evaluation; then tensor and normalisation."""
+    ``img_size / crop_pct`` + center crop for evaluation; then tensor and normalisation.
+
+    With the papers' recipe (``aa``: a timm auto-augment policy, ``reprob``: random erasing, ``color_jitter``) the
+    training pipeline is timm's ``create_transform`` (the same crop and flip, then those, as in timm's train script).
+    """
     T = optional_import("torchvision.transforms", "train", "Training on an ImageFolder tree")
     size = spec.img_size
+    if train and augment and (aa or reprob or color_jitter):
+        timm_data = optional_import("timm.data", "train", "--aa / --reprob / --color-jitter")
+        try:
+            return timm_data.create_transform(
+                size, is_training=True, scale=(min_crop_scale, 1.0), hflip=0.5, color_jitter=color_jitter or None,
+                auto_augment=aa, interpolation="bicubic", mean=spec.mean, std=spec.std, re_prob=reprob or 0.0,
+                re_mode="pixel", re_count=1)
+        except (AssertionError, ValueError, KeyError) as exc:  # timm asserts on policy strings it cannot parse
+            raise ValueError(f"--aa: timm cannot build the auto-augment policy {aa!r} ({exc})") from None
     if train and augment:
         ops = [T.RandomResizedCrop(size, scale=(min_crop_scale, 1.0), interpolation=T.InterpolationMode.BICUBIC),
                T.RandomHorizontalFlip()]

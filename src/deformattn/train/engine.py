@@ -59,16 +59,47 @@ METRIC_FIELDS = ("epoch", "lr", "train_loss", "train_acc", "eval_loss", "eval_ac
 
 
 # -- building blocks -------------------------------------------------------------------------------------------
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+def param_groups(model: nn.Module, weight_decay: float, *, layer_decay: float | None = None,
+                 lr: float | None = None) -> list[dict[str, Any]]:
     """AdamW groups: weight decay on weight matrices / kernels only, never on biases, norm scales (1-D) or the names
-    the model lists in ``no_weight_decay()`` (relative position-bias tables)."""
+    the model lists in ``no_weight_decay()`` (relative position-bias tables).
+
+    With ``layer_decay`` (BEiT's layer-wise decay, timm's ``param_groups_layer_decay``): the model's
+    ``group_matcher()`` orders its parameters into layers (stem, blocks, ..., classifier), and layer ``i`` of ``L``
+    gets ``lr_scale = layer_decay ** (L - 1 - i)`` (the classifier 1), so that the ``"lr"`` of each group is
+    ``lr * lr_scale`` (``lr`` needed then).
+    """
     skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
-    decay, no_decay = [], []
+    layer_of: dict[str, int] = {}
+    if layer_decay is not None:
+        if lr is None:
+            raise ValueError("param_groups: layer_decay needs lr (the peak learning rate the scales multiply)")
+        if not hasattr(model, "group_matcher"):
+            raise ValueError(f"param_groups: layer_decay needs a model with group_matcher(), "
+                             f"{type(model).__name__} has none")
+        matcher = model.group_matcher(coarse=False)
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
+        ordinals = {n: tuple(matcher(n)) for n in names}
+        rank = {o: i for i, o in enumerate(sorted(set(ordinals.values())))}  # as timm: sorted ordinals -> layers
+        layer_of = {n: rank[o] for n, o in ordinals.items()}
+    num_layers = max(layer_of.values(), default=0) + 1
+    groups: dict[tuple[int, bool], dict[str, Any]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim <= 1 or name.endswith(".bias") or name in skip else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        no_decay = p.ndim <= 1 or name.endswith(".bias") or name in skip
+        layer = layer_of.get(name, 0)
+        group = groups.get((layer, no_decay))
+        if group is None:
+            group = groups[(layer, no_decay)] = {"params": [], "weight_decay": 0.0 if no_decay else weight_decay}
+            if layer_decay is not None:
+                group["lr_scale"] = layer_decay ** (num_layers - 1 - layer)
+                group["lr"] = lr * group["lr_scale"]
+        group["params"].append(p)
+    if layer_decay is None:  # the two groups of old, decay first (checkpoints keep their optimizer state order)
+        return [groups.get((0, False), {"params": [], "weight_decay": weight_decay}),
+                groups.get((0, True), {"params": [], "weight_decay": 0.0})]
+    return [groups[k] for k in sorted(groups)]
 
 
 def cosine_schedule(step: int, *, total_steps: int, warmup_steps: int, lr: float, min_lr: float) -> float:
@@ -189,6 +220,7 @@ def _resolve_resume(config: TrainConfig, explicit: set[str]) -> tuple[TrainConfi
     keep_dir = "output_dir" in explicit or config.resume == "auto"
     merged["output_dir"] = config.output_dir if keep_dir else str(path.parent)
     merged["resume"] = str(path)
+    merged["initial_checkpoint"] = None  # the weights come from the checkpoint being resumed
     return TrainConfig.from_dict(merged), ckpt, path
 
 
@@ -258,7 +290,13 @@ def _train(config: TrainConfig, explicit: set[str], env: DistEnv, session_start:
         model = create_model(config.model, **model_kwargs)
     except TypeError as exc:
         raise ValueError(f"--model-kwargs: {config.model} does not accept {config.model_kwargs} ({exc})") from None
+    initial = None
+    if config.initial_checkpoint is not None:
+        from .initial import load_initial_checkpoint
+
+        initial = load_initial_checkpoint(model, config.initial_checkpoint, ema=config.initial_checkpoint_ema)
     if ckpt is not None:
+        initial = ckpt.get("initial_checkpoint")
         try:
             model.load_state_dict(ckpt["model"])
         except RuntimeError as exc:
@@ -280,7 +318,8 @@ def _train(config: TrainConfig, explicit: set[str], env: DistEnv, session_start:
         pass
 
     ema = ModelEma(model, config.ema_decay) if config.ema else None
-    optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr, betas=(0.9, 0.999))
+    optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay, layer_decay=config.layer_decay,
+                                               lr=config.lr), lr=config.lr, betas=(0.9, 0.999))
     train_sampler = DistributedSampler(splits.train, num_replicas=env.world_size, rank=env.rank, shuffle=True,
                                        seed=config.seed, drop_last=False)
     loader_gen = torch.Generator()
@@ -301,7 +340,12 @@ def _train(config: TrainConfig, explicit: set[str], env: DistEnv, session_start:
                                                 lr=config.lr, min_lr=config.min_lr))
     precision = resolve_precision(config.precision, env.device, amp=config.amp)
     scaler = grad_scaler(env.device, precision)
-    criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)  # also takes mixup's soft targets
+    from .augment import BatchAugment
+
+    batch_augment = BatchAugment(mixup=config.mixup, cutmix=config.cutmix,
+                                 reprob=config.reprob if spec.kind == "digits" else 0.0,  # ImageFolder: per image
+                                 num_classes=len(splits.class_names))
 
     start_epoch, history, elapsed_before = 0, [], 0.0
     if ckpt is not None:
@@ -357,13 +401,20 @@ def _train(config: TrainConfig, explicit: set[str], env: DistEnv, session_start:
                     f"{_plural(env.world_size, 'process', 'processes')}{threads}, "
                     f"{_plural(config.epochs, 'epoch')} of {_plural(steps_per_epoch, 'step')} "
                     f"-> {out}")
+        if initial is not None:
+            resized = f", {len(initial['resized'])} position table(s) resized" if initial["resized"] else ""
+            reinit = (f" ({', '.join(sorted({k.rsplit('.', 1)[0] for k in initial['reinitialised_keys']}))})"
+                      if initial["reinitialised"] else "")
+            _print(env, f"initial checkpoint {initial['path']} [{initial['format']}]: loaded "
+                        f"{_plural(initial['loaded'], 'tensor')}{resized}, re-initialised "
+                        f"{initial['reinitialised']}{reinit}, ignored {initial['ignored']}")
 
     def checkpoint_dict(epoch: int, rng: list[Any], *, full: bool) -> dict[str, Any]:
         d: dict[str, Any] = {
             "model": model.state_dict(), "model_name": config.model, "model_kwargs": model_kwargs,
             "class_names": splits.class_names, "config": resolved, "data": spec.to_dict(), "epoch": epoch,
             "history": history, "model_ema": ema.module.state_dict() if ema is not None else None,
-            "ema_updates": ema.updates if ema is not None else 0,
+            "ema_updates": ema.updates if ema is not None else 0, "initial_checkpoint": initial,
         }
         if full:
             d.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), scaler=scaler.state_dict(),
@@ -384,9 +435,10 @@ def _train(config: TrainConfig, explicit: set[str], env: DistEnv, session_start:
         for images, target in train_loader:
             images, target = images.to(env.device, non_blocking=True), target.to(env.device, non_blocking=True)
             x = spec.prepare(images, train=True, augment=config.augment, generator=aug_gen)
+            x, soft_target = batch_augment(x, target) if batch_augment.active else (x, target)
             with autocast(env.device, precision):
                 logits = ddp_model(x)
-                loss = criterion(logits.float(), target)
+                loss = criterion(logits.float(), soft_target)
             loss_value = loss.item()
             if not math.isfinite(loss_value):
                 raise FloatingPointError(f"train: loss is {loss_value} at epoch {epoch + 1}, step "
@@ -416,7 +468,7 @@ def _train(config: TrainConfig, explicit: set[str], env: DistEnv, session_start:
         eval_progress.close()
         ema_metrics = evaluate(ema.module, eval_loader, spec, env, precision=precision) if ema is not None else None
         row = {
-            "epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
+            "epoch": epoch + 1, "lr": max(g["lr"] for g in optimizer.param_groups),  # the peak group's
             "train_loss": loss_sum / count, "train_acc": correct / count,
             "eval_loss": metrics["loss"], "eval_acc": metrics["acc"], "eval_top5": metrics["top5"],
             "ema_eval_loss": ema_metrics["loss"] if ema_metrics else None,
@@ -470,6 +522,8 @@ def _train(config: TrainConfig, explicit: set[str], env: DistEnv, session_start:
         "replica_checksums": checksums,
         "replicas_identical": len(set(checksums)) == 1,
         "checkpoint": str(out / "last.pt"),
+        "initial_checkpoint": None if initial is None else {
+            k: (v[:20] if isinstance(v, list) else v) for k, v in initial.items()},
         "torch": torch.__version__,
     }
     if env.is_main:
