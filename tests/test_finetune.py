@@ -164,8 +164,8 @@ def test_files_that_are_not_checkpoints(tmp_path):
     good = tmp_path / "good.pth"
     torch.save({"model": _source("dat_nano")}, good)
     good.write_bytes(good.read_bytes()[:2000])  # truncated
-    cases = {"empty.pth": "empty", "text.pth": "not a PyTorch checkpoint", "list.pth": "holds no checkpoint dict",
-             "meta.pth": "not a model checkpoint", "good.pth": "not a PyTorch checkpoint"}
+    cases = {"empty.pth": "empty", "text.pth": "not a PyTorch checkpoint", "list.pth": "holds a list, not a checkpoint dict",
+             "meta.pth": "not a model checkpoint", "good.pth": "truncated or damaged"}
     for file, message in cases.items():
         with pytest.raises(CheckpointError, match=message) as info:
             load_initial_checkpoint(model, tmp_path / file)
