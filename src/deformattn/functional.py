@@ -309,3 +309,9 @@ def attention_core(
     attn = attn.softmax(dim=-1)
     attn = F.dropout(attn, p=attn_drop, training=training)
     return torch.einsum("bhmn,bhcn->bhcm", attn, v)  # B, nH, hc, Nq
+
+
+# Multi-scale deformable attention (Deformable DETR) lives in ops/msda.py with its backends; re-exported here.
+from .ops.msda import multi_scale_deformable_attention  # noqa: E402
+
+__all__ += ["multi_scale_deformable_attention"]
