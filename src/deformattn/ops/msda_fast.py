@@ -102,6 +102,60 @@ def _query_blocks(N: int, Lq: int, M: int, L: int, P: int, budget: int) -> list[
     return [(q, min(q + rows, Lq)) for q in range(0, Lq, rows)]
 
 
+def _padded_table(value: Tensor, shapes: list[tuple[int, int]]) -> tuple[Tensor, list[int]]:
+    """``value`` with a zero border around every level: Tensor[N, Sp, M, D] (``Sp = sum (H+2)(W+2)``), and the
+    levels' start rows in it. Corners outside a map then read the border (zero) instead of needing a mask."""
+    N, S, M, D = value.shape
+    starts, sp = [], 0
+    for H, W in shapes:
+        starts.append(sp)
+        sp += (H + 2) * (W + 2)
+    table = value.new_zeros(N, sp, M, D)
+    s = 0
+    for (H, W), ps in zip(shapes, starts):
+        table[:, ps:ps + (H + 2) * (W + 2)].view(N, H + 2, W + 2, M, D)[:, 1:H + 1, 1:W + 1] = \
+            value[:, s:s + H * W].view(N, H, W, M, D)
+        s += H * W
+    return table, starts
+
+
+class _Levels:
+    """Per-level constants of the padded table, as tensors that broadcast over ``(N, Q, M, L, P)``."""
+
+    def __init__(self, shapes: list[tuple[int, int]], starts: list[int], N: int, M: int, dtype, device):
+        sp = sum((H + 2) * (W + 2) for H, W in shapes)
+        self.Wf = torch.tensor([float(W) for _, W in shapes], dtype=dtype, device=device)[:, None]  # L, 1
+        self.Hf = torch.tensor([float(H) for H, _ in shapes], dtype=dtype, device=device)[:, None]
+        self.row0 = torch.tensor(starts, dtype=torch.int64, device=device)[:, None]  # L, 1
+        self.Wp = torch.tensor([W + 2 for _, W in shapes], dtype=torch.int64, device=device)[:, None]
+        # row offsets of the corners (dy, dx) = (0,0), (0,1), (1,0), (1,1) from the top-left one: L, 1, 4
+        self.delta = torch.stack([torch.zeros_like(self.Wp), torch.ones_like(self.Wp), self.Wp, self.Wp + 1],
+                                 -1) * M
+        self.nm = (torch.arange(N, device=device).view(N, 1, 1, 1, 1) * sp * M
+                   + torch.arange(M, device=device).view(1, 1, M, 1, 1))  # N, 1, M, 1, 1
+        self.M = M
+
+    def points(self, loc: Tensor, attn: Tensor):
+        """Top-left rows in the padded table ``(N*Sp*M, D)`` (Tensor[N, Q, M, L, P], int64), the attention weight
+        masked to 0 where the whole 2x2 cell is outside the map, the fractional parts ``fx, fy`` and the mask."""
+        x = loc[..., 0] * self.Wf - 0.5
+        y = loc[..., 1] * self.Hf - 0.5
+        x0, y0 = x.floor(), y.floor()
+        inside = (x0 >= -1) & (x0 <= self.Wf - 1) & (y0 >= -1) & (y0 <= self.Hf - 1)
+        a = torch.where(inside, attn, 0.0)
+        # padded column of the top-left corner in [0, W]: clamped in floating point (no integer overflow)
+        xi = (torch.minimum(x0.clamp(min=-1.0), self.Wf - 1) + 1).nan_to_num(0.0).to(torch.int64)
+        yi = (torch.minimum(y0.clamp(min=-1.0), self.Hf - 1) + 1).nan_to_num(0.0).to(torch.int64)
+        base = self.nm + (self.row0 + yi * self.Wp + xi) * self.M
+        return base, a, x - x0, y - y0, inside
+
+    @staticmethod
+    def weights(a: Tensor, fx: Tensor, fy: Tensor) -> Tensor:
+        wx = torch.stack([1 - fx, fx], -1)  # ..., 2
+        wy = torch.stack([(1 - fy) * a, fy * a], -1)
+        return (wy[..., :, None] * wx[..., None, :]).flatten(-2)  # ..., 4
+
+
 class _SampleFunction(torch.autograd.Function):
     """Sampling + weighted sum with the hand-written backward described in the module docstring."""
 
@@ -109,15 +163,17 @@ class _SampleFunction(torch.autograd.Function):
     def forward(ctx, value: Tensor, spatial_shapes: Tensor, loc: Tensor, attn: Tensor) -> Tensor:
         N, S, M, D = value.shape
         _, Lq, _, L, P, _ = loc.shape
-        H, W, start, ext_start = _level_tables(spatial_shapes)
-        table = value.reshape(N * S * M, D)
+        shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+        table, starts = _padded_table(value, shapes)
+        lv = _Levels(shapes, starts, N, M, loc.dtype, loc.device)
+        table = table.view(-1, D)
         out = value.new_empty(N, Lq, M, D)
+        K = L * P * 4
         for q0, q1 in _query_blocks(N, Lq, M, L, P, _FWD_BLOCK_POINTS):
-            x0i, y0i, fx, fy, vx0, vx1, vy0, vy1 = _corners(loc[:, q0:q1], H, W)
-            rows = _corner_rows(x0i, y0i, H, W, start, S, M)  # N, Qb, M, L, P, 4
-            w = _corner_weights(attn[:, q0:q1], fx, fy, vx0, vx1, vy0, vy1)
-            K = L * P * 4
-            out[:, q0:q1] = F.embedding_bag(rows.view(-1, K), table, per_sample_weights=w.reshape(-1, K),
+            base, a, fx, fy, _ = lv.points(loc[:, q0:q1], attn[:, q0:q1])
+            rows = base[..., None] + lv.delta  # N, Qb, M, L, P, 4
+            w = lv.weights(a, fx, fy)
+            out[:, q0:q1] = F.embedding_bag(rows.view(-1, K), table, per_sample_weights=w.view(-1, K),
                                             mode="sum").view(N, q1 - q0, M, D)
         ctx.save_for_backward(value, spatial_shapes, loc, attn)
         return out.view(N, Lq, M * D)
@@ -129,73 +185,69 @@ class _SampleFunction(torch.autograd.Function):
         need_value, _, need_loc, need_attn = ctx.needs_input_grad
         N, S, M, D = value.shape
         _, Lq, _, L, P, _ = loc.shape
-        H, W, start, ext_start = _level_tables(spatial_shapes)
-        table = value.reshape(N * S * M, D)
+        shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+        table, starts = _padded_table(value, shapes)
+        sp = table.shape[1]
+        lv = _Levels(shapes, starts, N, M, loc.dtype, loc.device)
+        table = table.view(-1, D)
         go = grad_out.reshape(N, Lq, M, D).contiguous()
         grad_loc = torch.empty_like(loc) if need_loc else None
         grad_attn = torch.empty_like(attn) if need_attn else None
         if need_value:
-            keys = torch.empty(N, Lq, M, L, P, dtype=torch.int64, device=value.device)  # padded top-left corner
+            keys = torch.empty(N, Lq, M, L, P, dtype=torch.int64, device=value.device)  # top-left rows
             corner_w = torch.empty(N, Lq, M, L, P, 4, dtype=value.dtype, device=value.device)
-            sext = int((ext_start[-1] + (H[-1] + 1) * (W[-1] + 1)).item()) if L else 0
-            n = torch.arange(N, device=value.device).view(N, 1, 1, 1, 1)
-            m = torch.arange(M, device=value.device).view(1, 1, M, 1, 1)
         for q0, q1 in _query_blocks(N, Lq, M, L, P, _BWD_BLOCK_POINTS):
-            a = attn[:, q0:q1]
-            x0i, y0i, fx, fy, vx0, vx1, vy0, vy1 = _corners(loc[:, q0:q1], H, W)
+            base, a, fx, fy, inside = lv.points(loc[:, q0:q1], attn[:, q0:q1])
             if need_value:
-                keys[:, q0:q1] = (n * M + m) * sext + ext_start[:, None] + (y0i + 1) * (W[:, None] + 1) + (x0i + 1)
-                corner_w[:, q0:q1] = _corner_weights(a, fx, fy, vx0, vx1, vy0, vy1)
+                keys[:, q0:q1] = base
+                corner_w[:, q0:q1] = lv.weights(a, fx, fy)
             if not (need_loc or need_attn):
                 continue
-            rows = _corner_rows(x0i, y0i, H, W, start, S, M)  # N, Qb, M, L, P, 4
-            Qb, K = q1 - q0, L * P * 4
-            gathered = table.index_select(0, rows.view(-1)).view(-1, K, D)  # N*Qb*M, K, D
-            dots = torch.bmm(gathered, go[:, q0:q1].reshape(-1, D, 1)).view(N, Qb, M, L, P, 2, 2)  # dy, dx
+            rows = base[..., None] + lv.delta  # N, Qb, M, L, P, 4
+            Qb = q1 - q0
+            gathered = table.index_select(0, rows.view(-1)).view(N * Qb * M, L * P * 4, D)
+            # multiply-and-sum beats bmm's batch of (K x D) @ (D x 1) products
+            dots = (gathered * go[:, q0:q1].reshape(-1, 1, D)).sum(-1).view(N, Qb, M, L, P, 2, 2)  # dy, dx
             del gathered
-            wx0, wx1 = (1 - fx) * vx0, fx * vx1
-            wy0, wy1 = (1 - fy) * vy0, fy * vy1
-            g00, g01, g10, g11 = dots[..., 0, 0], dots[..., 0, 1], dots[..., 1, 0], dots[..., 1, 1]
+            g00, g10, g01, g11 = dots[..., 0, 0], dots[..., 1, 0], dots[..., 0, 1], dots[..., 1, 1]
+            wx0, wy0 = 1 - fx, 1 - fy
             if need_attn:
-                grad_attn[:, q0:q1] = wy0 * (wx0 * g00 + wx1 * g01) + wy1 * (wx0 * g10 + wx1 * g11)
+                s = wy0 * (wx0 * g00 + fx * g01) + fy * (wx0 * g10 + fx * g11)
+                grad_attn[:, q0:q1] = torch.where(inside, s, 0.0)
             if need_loc:
-                gfx = a * (wy0 * (vx1 * g01 - vx0 * g00) + wy1 * (vx1 * g11 - vx0 * g10))
-                gfy = a * (wx0 * (vy1 * g10 - vy0 * g00) + wx1 * (vy1 * g11 - vy0 * g01))
-                grad_loc[:, q0:q1] = torch.stack(
-                    [gfx * W.to(gfx.dtype)[:, None], gfy * H.to(gfy.dtype)[:, None]], -1)
-        grad_value = _scatter_value(go, keys, corner_w, spatial_shapes, sext, value.shape) if need_value else None
+                gfx = a * (wy0 * (g01 - g00) + fy * (g11 - g10)) * lv.Wf
+                gfy = a * (wx0 * (g10 - g00) + fx * (g11 - g01)) * lv.Hf
+                grad_loc[:, q0:q1] = torch.stack([gfx, gfy], -1)
+        grad_value = _scatter_value(go, keys, corner_w, shapes, starts, sp, value.shape) if need_value else None
         return grad_value, None, grad_loc, grad_attn
 
 
-def _scatter_value(go: Tensor, keys: Tensor, corner_w: Tensor, spatial_shapes: Tensor, sext: int,
-                   value_shape: torch.Size) -> Tensor:
+def _scatter_value(go: Tensor, keys: Tensor, corner_w: Tensor, shapes: list[tuple[int, int]], starts: list[int],
+                   sp: int, value_shape: torch.Size) -> Tensor:
     """Gradient of ``value`` (Tensor[N, S, M, D]): every point adds ``corner weight * grad_out[query, head]`` to
-    its four corners. The points are sorted by their top-left corner in the padded grid, so each padded position is
-    one bag of ``embedding_bag`` per corner (a gather-sum, no atomic scatter); corner ``(dy, dx)`` of padded
-    position ``(i, j)`` is value position ``(i - 1 + dy, j - 1 + dx)``."""
+    its four corners. The points are sorted by the row of their top-left corner in the padded table, so each padded
+    position is one bag of ``embedding_bag`` per corner (a gather-sum, no atomic scatter); corner ``(dy, dx)`` of
+    top-left padded position ``(i, j)`` is value position ``(i - 1 + dy, j - 1 + dx)``."""
     N, S, M, D = value_shape
     LP = keys.shape[-2] * keys.shape[-1]
     flat_keys = keys.view(-1)
     order = torch.argsort(flat_keys)
-    counts = torch.bincount(flat_keys, minlength=N * M * sext)
+    counts = torch.bincount(flat_keys, minlength=N * sp * M)
     offsets = torch.cumsum(counts, 0) - counts
     bag_rows = order // LP  # the (n, q, m) row of go of each sorted point
     go_rows = go.view(-1, D)
-    cw = corner_w.view(-1, 4)
-    grids = [F.embedding_bag(bag_rows, go_rows, offsets, mode="sum", per_sample_weights=cw[:, c][order])
-             .view(N, M, sext, D) for c in range(4)]
+    sorted_w = corner_w.view(-1, 4).index_select(0, order).t().contiguous()  # 4, points (sorted)
+    grids = [F.embedding_bag(bag_rows, go_rows, offsets, mode="sum", per_sample_weights=sorted_w[c])
+             .view(N, sp, M, D) for c in range(4)]
     grads = []
-    es = 0
-    for Hl, Wl in spatial_shapes.tolist():
-        size = (Hl + 1) * (Wl + 1)
+    for (H, W), ps in zip(shapes, starts):
         acc = None
         for c, (dy, dx) in enumerate(((0, 0), (0, 1), (1, 0), (1, 1))):
-            part = grids[c][:, :, es:es + size].view(N, M, Hl + 1, Wl + 1, D)[:, :, 1 - dy:1 - dy + Hl,
-                                                                               1 - dx:1 - dx + Wl]
+            part = grids[c][:, ps:ps + (H + 2) * (W + 2)].view(N, H + 2, W + 2, M, D)[:, 1 - dy:1 - dy + H,
+                                                                                      1 - dx:1 - dx + W]
             acc = part if acc is None else acc + part
-        grads.append(acc.permute(0, 2, 3, 1, 4).reshape(N, Hl * Wl, M, D))  # N, H*W, M, D
-        es += size
-    return torch.cat(grads, 1) if grads else go.new_zeros(value_shape)
+        grads.append(acc.reshape(N, H * W, M, D))
+    return torch.cat(grads, 1)
 
 
 def msda_fast(value: Tensor, spatial_shapes: Tensor, sampling_locations: Tensor, attention_weights: Tensor) -> Tensor:
