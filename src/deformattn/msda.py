@@ -100,6 +100,17 @@ class MultiScaleDeformableAttention(nn.Module):
         if input_flatten.shape[0] != N or input_flatten.shape[2] != self.d_model:
             raise ValueError(f"{_OWNER}: input_flatten must have shape (N, Len_in, C) = ({N}, Len_in, {self.d_model})"
                              f", got {tuple(input_flatten.shape)}")
+        dtype = self.value_proj.weight.dtype
+        for name, t in (("query", query), ("input_flatten", input_flatten)):
+            if t.dtype != dtype and not torch.is_autocast_enabled(t.device.type):
+                raise TypeError(f"{_OWNER}: {name} has dtype {t.dtype} but the module's parameters are {dtype} "
+                                f"(convert one of them with .to(), or run under torch.autocast)")
+        if not is_tracing():
+            total = sum(int(h) * int(w) for h, w in shapes.tolist())
+            if total != input_flatten.shape[1]:
+                raise ValueError(f"{_OWNER}: input_spatial_shapes {shapes.tolist()} cover sum(H * W) = {total} keys "
+                                 f"but input_flatten has Len_in = {input_flatten.shape[1]} (shape "
+                                 f"{tuple(input_flatten.shape)})")
         rp = tuple(reference_points.shape)
         if rp[:3] != (N, Lq, self.n_levels) or rp[3] not in (2, 4):
             raise ValueError(f"{_OWNER}: reference_points must have shape (N, Len_q, n_levels, 2 or 4) = ({N}, {Lq}, "

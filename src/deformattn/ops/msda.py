@@ -24,7 +24,8 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 
-from .msda_fast import msda_fast, msda_gather
+from . import msda_fast as msda_fast_module
+from .msda_fast import _SampleFunction, msda_fast, msda_gather
 from .msda_reference import msda_reference
 
 __all__ = ["MSDA_BACKENDS", "multi_scale_deformable_attention", "select_msda_backend", "check_msda_inputs",

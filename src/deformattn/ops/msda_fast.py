@@ -51,6 +51,14 @@ def _level_tables(spatial_shapes: Tensor) -> tuple[Tensor, Tensor, Tensor, Tenso
     return H, W, start, ext_start
 
 
+def _pixel_coords(loc: Tensor, Wf: Tensor, Hf: Tensor) -> tuple[Tensor, Tensor]:
+    """Pixel coordinates ``loc * W - 0.5``, rounded exactly as the reference computes them (``grid = 2 * loc - 1``,
+    then ``grid_sample``'s ``((grid + 1) * W - 1) / 2``), so both paths pick the same cell at integer coordinates,
+    where the bilinear interpolant has a kink."""
+    grid = 2 * loc - 1
+    return ((grid[..., 0] + 1) * Wf - 1) / 2, ((grid[..., 1] + 1) * Hf - 1) / 2
+
+
 def _corners(loc: Tensor, H: Tensor, W: Tensor):
     """Bilinear corners of ``loc`` (Tensor[..., L, P, 2], (x, y) in [0, 1]).
 
@@ -59,8 +67,7 @@ def _corners(loc: Tensor, H: Tensor, W: Tensor):
     """
     Wf = W.to(loc.dtype)[:, None]  # L, 1: broadcasts over (..., L, P)
     Hf = H.to(loc.dtype)[:, None]
-    x = loc[..., 0] * Wf - 0.5
-    y = loc[..., 1] * Hf - 0.5
+    x, y = _pixel_coords(loc, Wf, Hf)
     x0, y0 = x.floor(), y.floor()
     fx, fy = x - x0, y - y0
     vx0 = ((x0 >= 0) & (x0 <= Wf - 1)).to(loc.dtype)
@@ -138,8 +145,7 @@ class _Levels:
     def points(self, loc: Tensor, attn: Tensor):
         """Top-left rows in the padded table ``(N*Sp*M, D)`` (Tensor[N, Q, M, L, P], int64), the attention weight
         masked to 0 where the whole 2x2 cell is outside the map, the fractional parts ``fx, fy`` and the mask."""
-        x = loc[..., 0] * self.Wf - 0.5
-        y = loc[..., 1] * self.Hf - 0.5
+        x, y = _pixel_coords(loc, self.Wf, self.Hf)
         x0, y0 = x.floor(), y.floor()
         inside = (x0 >= -1) & (x0 <= self.Wf - 1) & (y0 >= -1) & (y0 <= self.Hf - 1)
         a = torch.where(inside, attn, 0.0)
