@@ -121,6 +121,21 @@ def test_fast_matches_reference(case, dtype):
         _close(a, b, dtype, f"grad {name}")
 
 
+@pytest.mark.parametrize("Lq", [1, 3, 60])
+def test_fast_value_gradient_both_ways(Lq):
+    """Few queries on a large map take the direct scatter of the value gradient (corner contributions <= rows of
+    the zero-bordered table: 2*Lq*2*2*3*4 vs 2*(11*13 + 7*8)*2 = 796), many take the sorted gather."""
+    shapes = [(9, 11), (5, 6)]
+    value, loc, attn = _inputs(shapes, N=2, Lq=Lq, M=2, D=3, P=3)
+    leaves = [t.clone().requires_grad_() for t in (value, loc, attn)]
+    ref = msda(leaves[0], shapes, leaves[1], leaves[2], backend="reference")
+    fast = msda(leaves[0], shapes, leaves[1], leaves[2], backend="fast")
+    _close(fast, ref, torch.float64, "output")
+    g = torch.randn_like(ref)
+    for a, b in zip(torch.autograd.grad(fast, leaves, g), torch.autograd.grad(ref, leaves, g)):
+        _close(a, b, torch.float64, "grad")
+
+
 def test_fast_matches_reference_many_blocks(monkeypatch):
     """Blocks of a few points: the query blocking and the sorted value scatter across blocks."""
     monkeypatch.setattr(msda_ops.msda_fast_module, "_FWD_BLOCK_POINTS", 50)

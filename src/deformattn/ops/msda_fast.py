@@ -13,10 +13,12 @@ so the output of a (query, head) is one weighted sum of ``L*P*4`` rows of ``valu
 
   - locations and attention weights need, per corner, the dot product of the output gradient with the corner's
     value row (a gather of the block's rows and a batched matrix-vector product, memory bounded by the block);
-  - ``value`` receives one scatter for all levels, points and queries, done as a *gather*: the sampling points are
-    sorted once by their top-left corner in a grid padded by one row and column, and four ``embedding_bag`` calls
-    (one per corner, bags = padded positions) sum the weighted output gradients of the points of each position;
-    the four results are shifted by their corner offset and added. No atomic scatter, no per-level pass.
+  - ``value`` receives one scatter for all levels, points and queries. With many points per key (encoder
+    self-attention) it is done as a *gather*: the sampling points are sorted once by their top-left corner in the
+    zero-bordered table, and four ``embedding_bag`` calls (one per corner, bags = table rows) sum the weighted
+    output gradients of the points of each row; the four results are shifted by their corner offset and added. No
+    atomic scatter, no per-level pass. With fewer corner contributions than table rows (decoder queries), each
+    block's contributions are added with one ``index_add_`` instead, which costs nothing per empty row.
 
 * **Export / compile** (:func:`msda_gather`): the same formulas with plain operations (``index_select``, ``mul``,
   ``sum``), one level and corner at a time, computed from ``spatial_shapes`` as a tensor, so the graph has no
@@ -199,12 +201,21 @@ class _SampleFunction(torch.autograd.Function):
         go = grad_out.reshape(N, Lq, M, D).contiguous()
         grad_loc = torch.empty_like(loc) if need_loc else None
         grad_attn = torch.empty_like(attn) if need_attn else None
-        if need_value:
+        # few points for the map (decoder queries): scatter each block's corners directly; many points (encoder):
+        # sort once and gather per padded position (see _scatter_value)
+        scatter = need_value and N * Lq * M * L * P * 4 <= N * sp * M
+        if scatter:
+            grad_table = value.new_zeros(N * sp * M, D)
+        elif need_value:
             keys = torch.empty(N, Lq, M, L, P, dtype=torch.int64, device=value.device)  # top-left rows
             corner_w = torch.empty(N, Lq, M, L, P, 4, dtype=value.dtype, device=value.device)
         for q0, q1 in _query_blocks(N, Lq, M, L, P, _BWD_BLOCK_POINTS):
             base, a, fx, fy, inside = lv.points(loc[:, q0:q1], attn[:, q0:q1])
-            if need_value:
+            if scatter:
+                w = lv.weights(a, fx, fy)  # N, Qb, M, L, P, 4
+                src = w[..., None] * go[:, q0:q1, :, None, None, None, :]  # N, Qb, M, L, P, 4, D
+                grad_table.index_add_(0, (base[..., None] + lv.delta).view(-1), src.view(-1, D))
+            elif need_value:
                 keys[:, q0:q1] = base
                 corner_w[:, q0:q1] = lv.weights(a, fx, fy)
             if not (need_loc or need_attn):
@@ -224,7 +235,12 @@ class _SampleFunction(torch.autograd.Function):
                 gfx = a * (wy0 * (g01 - g00) + fy * (g11 - g10)) * lv.Wf
                 gfy = a * (wx0 * (g10 - g00) + fx * (g11 - g01)) * lv.Hf
                 grad_loc[:, q0:q1] = torch.stack([gfx, gfy], -1)
-        grad_value = _scatter_value(go, keys, corner_w, shapes, starts, sp, value.shape) if need_value else None
+        if scatter:
+            grad_value = _interior(grad_table.view(N, sp, M, D), shapes, starts)
+        elif need_value:
+            grad_value = _scatter_value(go, keys, corner_w, shapes, starts, sp, value.shape)
+        else:
+            grad_value = None
         return grad_value, None, grad_loc, grad_attn
 
 
@@ -254,6 +270,14 @@ def _scatter_value(go: Tensor, keys: Tensor, corner_w: Tensor, shapes: list[tupl
             acc = part if acc is None else acc + part
         grads.append(acc.reshape(N, H * W, M, D))
     return torch.cat(grads, 1)
+
+
+def _interior(table: Tensor, shapes: list[tuple[int, int]], starts: list[int]) -> Tensor:
+    """The inverse of :func:`_padded_table`: Tensor[N, Sp, M, D] -> Tensor[N, S, M, D] without the borders."""
+    N, _, M, D = table.shape
+    parts = [table[:, ps:ps + (H + 2) * (W + 2)].view(N, H + 2, W + 2, M, D)[:, 1:H + 1, 1:W + 1]
+             .reshape(N, H * W, M, D) for (H, W), ps in zip(shapes, starts)]
+    return torch.cat(parts, 1)
 
 
 def msda_fast(value: Tensor, spatial_shapes: Tensor, sampling_locations: Tensor, attention_weights: Tensor) -> Tensor:
