@@ -235,6 +235,7 @@ class _SampleFunction(torch.autograd.Function):
                 gfx = a * (wy0 * (g01 - g00) + fy * (g11 - g10)) * lv.Wf
                 gfy = a * (wx0 * (g10 - g00) + fx * (g11 - g01)) * lv.Hf
                 grad_loc[:, q0:q1] = torch.stack([gfx, gfy], -1)
+        del table
         if scatter:
             grad_value = _interior(grad_table.view(N, sp, M, D), shapes, starts)
         elif need_value:
@@ -259,17 +260,17 @@ def _scatter_value(go: Tensor, keys: Tensor, corner_w: Tensor, shapes: list[tupl
     bag_rows = order // LP  # the (n, q, m) row of go of each sorted point
     go_rows = go.view(-1, D)
     sorted_w = corner_w.view(-1, 4).index_select(0, order).t().contiguous()  # 4, points (sorted)
-    grids = [F.embedding_bag(bag_rows, go_rows, offsets, mode="sum", per_sample_weights=sorted_w[c])
-             .view(N, sp, M, D) for c in range(4)]
-    grads = []
-    for (H, W), ps in zip(shapes, starts):
-        acc = None
-        for c, (dy, dx) in enumerate(((0, 0), (0, 1), (1, 0), (1, 1))):
-            part = grids[c][:, ps:ps + (H + 2) * (W + 2)].view(N, H + 2, W + 2, M, D)[:, 1 - dy:1 - dy + H,
-                                                                                      1 - dx:1 - dx + W]
-            acc = part if acc is None else acc + part
-        grads.append(acc.reshape(N, H * W, M, D))
-    return torch.cat(grads, 1)
+    grad = go.new_zeros(value_shape)
+    starts_value = [sum(h * w for h, w in shapes[:i]) for i in range(len(shapes))]
+    for c, (dy, dx) in enumerate(((0, 0), (0, 1), (1, 0), (1, 1))):  # one corner's table alive at a time
+        grid = F.embedding_bag(bag_rows, go_rows, offsets, mode="sum", per_sample_weights=sorted_w[c])
+        grid = grid.view(N, sp, M, D)
+        for (H, W), ps, s in zip(shapes, starts, starts_value):
+            part = grid[:, ps:ps + (H + 2) * (W + 2)].view(N, H + 2, W + 2, M, D)[:, 1 - dy:1 - dy + H,
+                                                                                  1 - dx:1 - dx + W]
+            grad[:, s:s + H * W].view(N, H, W, M, D).add_(part)
+        del grid
+    return grad
 
 
 def _interior(table: Tensor, shapes: list[tuple[int, int]], starts: list[int]) -> Tensor:
