@@ -151,6 +151,18 @@ def test_fast_matches_reference_many_blocks(monkeypatch):
         _close(a, b, torch.float64, "grad")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_inputs(backend):
+    shapes = [(4, 5), (2, 3)]
+    value, loc, attn = _inputs(shapes, N=2, Lq=6, M=3, D=4, P=2)
+    expected = msda(value, shapes, loc, attn, backend="reference")
+    v = value.permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3)  # N, S, M, D with heads outermost in memory
+    lc = loc.transpose(0, 1).contiguous().transpose(0, 1)
+    at = attn[..., None].expand(-1, -1, -1, -1, -1, 2)[..., 0]
+    assert not (v.is_contiguous() or lc.is_contiguous() or at.is_contiguous())
+    _close(msda(v, shapes, lc, at, backend=backend), expected, torch.float64, "output")
+
+
 def test_gather_form_matches_reference():
     """The plain-operation form that export and compile run."""
     shapes = [(5, 7), (0, 3), (2, 3), (1, 1)]

@@ -123,7 +123,7 @@ def _padded_table(value: Tensor, shapes: list[tuple[int, int]]) -> tuple[Tensor,
     s = 0
     for (H, W), ps in zip(shapes, starts):
         table[:, ps:ps + (H + 2) * (W + 2)].view(N, H + 2, W + 2, M, D)[:, 1:H + 1, 1:W + 1] = \
-            value[:, s:s + H * W].view(N, H, W, M, D)
+            value[:, s:s + H * W].reshape(N, H, W, M, D)
         s += H * W
     return table, starts
 
