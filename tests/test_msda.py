@@ -158,9 +158,16 @@ def test_non_contiguous_inputs(backend):
     expected = msda(value, shapes, loc, attn, backend="reference")
     v = value.permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3)  # N, S, M, D with heads outermost in memory
     lc = loc.transpose(0, 1).contiguous().transpose(0, 1)
-    at = attn[..., None].expand(-1, -1, -1, -1, -1, 2)[..., 0]
+    at = attn.transpose(1, 2).contiguous().transpose(1, 2)
     assert not (v.is_contiguous() or lc.is_contiguous() or at.is_contiguous())
-    _close(msda(v, shapes, lc, at, backend=backend), expected, torch.float64, "output")
+    leaves = [t.requires_grad_() for t in (v, lc, at)]
+    out = msda(leaves[0], shapes, leaves[1], leaves[2], backend=backend)
+    _close(out, expected, torch.float64, "output")
+    g = torch.randn(out.shape[::-1], dtype=out.dtype).permute(2, 1, 0)  # a strided output gradient too
+    ref_leaves = [t.detach().clone().requires_grad_() for t in (value, loc, attn)]
+    ref = msda(ref_leaves[0], shapes, ref_leaves[1], ref_leaves[2], backend="reference")
+    for a, b in zip(torch.autograd.grad(out, leaves, g), torch.autograd.grad(ref, ref_leaves, g)):
+        _close(a, b, torch.float64, "grad")
 
 
 def test_gather_form_matches_reference():

@@ -284,7 +284,9 @@ def _interior(table: Tensor, shapes: list[tuple[int, int]], starts: list[int]) -
 def msda_fast(value: Tensor, spatial_shapes: Tensor, sampling_locations: Tensor, attention_weights: Tensor) -> Tensor:
     """Eager fast path (see the module docstring); inputs as for the reference, ``spatial_shapes`` a Tensor[L, 2]
     (int64, on ``value``'s device). Returns Tensor[N, Lq, M*D]."""
-    return _SampleFunction.apply(value, spatial_shapes, sampling_locations, attention_weights)
+    # the blocks take flat views of these: one copy here if a caller passes strided tensors
+    return _SampleFunction.apply(value.contiguous(), spatial_shapes, sampling_locations.contiguous(),
+                                 attention_weights.contiguous())
 
 
 def msda_gather(value: Tensor, spatial_shapes: Tensor, sampling_locations: Tensor,
