@@ -264,6 +264,19 @@ def render(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _git_commit() -> str | None:
+    """The checkout's commit, with ``+dirty`` when tracked files differ from it (None outside git)."""
+    import subprocess
+
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {','.join(CASES)}")
@@ -320,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "msda",
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(["python", "benchmarks/msda.py"] + (argv if argv is not None else sys.argv[1:])),
+        "commit": _git_commit(),
         "machine": machine,
         "settings": {"threads": args.threads, "seed": args.seed, "quick": quick, "scale": args.scale,
                      "shared": args.shared, **reps,

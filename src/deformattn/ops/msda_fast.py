@@ -223,8 +223,10 @@ class _SampleFunction(torch.autograd.Function):
             rows = base[..., None] + lv.delta  # N, Qb, M, L, P, 4
             Qb = q1 - q0
             gathered = table.index_select(0, rows.view(-1)).view(N * Qb * M, L * P * 4, D)
-            # multiply-and-sum beats bmm's batch of (K x D) @ (D x 1) products
-            dots = gathered.mul_(go[:, q0:q1].reshape(-1, 1, D)).sum(-1).view(N, Qb, M, L, P, 2, 2)  # dy, dx
+            # (1 x D) @ (D x K) per (query, head), the gathered block read transposed (no copy): one pass, where
+            # (K x D) @ (D x 1) or a multiply-and-sum take two or more
+            dots = torch.bmm(go[:, q0:q1].reshape(-1, 1, D), gathered.transpose(1, 2))
+            dots = dots.view(N, Qb, M, L, P, 2, 2)  # dy, dx
             del gathered
             g00, g10, g01, g11 = dots[..., 0, 0], dots[..., 1, 0], dots[..., 0, 1], dots[..., 1, 1]
             wx0, wy0 = 1 - fx, 1 - fy
