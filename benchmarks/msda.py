@@ -237,7 +237,9 @@ def render(report: dict[str, Any]) -> str:
     mach = report["machine"]
     lines = [f"Measured {report['created'][:10]} on {mach.get('cpu', '?')} ({report['settings']['threads']} "
              f"thread(s); float32 matmul {mach.get('matmul_gflops', 0):.0f} GFLOP/s), torch {mach.get('torch', '?')}"
-             f"{', machine shared with other jobs' if report['settings'].get('shared') else ''}.", ""]
+             f"{', machine shared with other jobs' if report['settings'].get('shared') else ''}"
+             + (f" (1-min load average {load['start']:.1f} at the start, {load['end']:.1f} at the end)"
+                if (load := report.get("load_average")) else "") + ".", ""]
     rows = {(r["case"], r["scope"], r["impl"], r["mode"]): r for r in report["rows"]}
     table = []
     for case in report["cases"]:
@@ -305,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     base = dict(threads=args.threads, seed=args.seed, quick=quick, scale=args.scale, **reps)
     script = [sys.executable, str(Path(__file__).resolve()), "--worker"]
     t0 = time.perf_counter()
+    load_start = os.getloadavg()[0]  # 1-minute load average: how shared the machine was
 
     def log(msg):
         print(f"[{time.perf_counter() - t0:7.1f} s] {msg}", file=sys.stderr, flush=True)
@@ -344,6 +347,7 @@ def main(argv: list[str] | None = None) -> int:
         "floor": floor,
         "targets": evaluate(by_key, cases) if "core" in scopes else [],
         "elapsed_s": time.perf_counter() - t0,
+        "load_average": {"start": load_start, "end": os.getloadavg()[0]},
     }
     report["table_markdown"] = render(report)
     print(report["table_markdown"])
