@@ -5,14 +5,18 @@ the attention weights and sums over levels and points; its backward expands the 
 ``grid_sample``'s backward per level. Here the bilinear weight of each corner is folded into the attention weight,
 so the output of a (query, head) is one weighted sum of ``L*P*4`` rows of ``value``:
 
-* **Forward** (:class:`_SampleFunction`): per block of queries, one index computation for all levels and corners
-  (``idx``, ``Tensor[N, Qb, M, L, P, 4]`` rows of ``value`` viewed as ``(N*S*M, D)``, clamped, with the zero-padding
-  folded into the weights) and one ``F.embedding_bag(mode="sum", per_sample_weights=...)``: gather and reduction in
-  one kernel, nothing of size ``points x D`` is materialised. Memory: the block's indices and weights.
+* **Forward** (:class:`_SampleFunction`): ``value`` is copied once into a table with a zero border around every
+  level (``Tensor[N, Sp, M, D]``, :func:`_padded_table`), so the four corners of a point are the row of its top-left
+  corner plus fixed per-level offsets and a corner outside the map reads zero (only a cell entirely outside needs
+  its weight zeroed). Per block of queries: one index computation for all levels and corners
+  (``Tensor[N, Qb, M, L, P, 4]`` rows) and one ``F.embedding_bag(mode="sum", per_sample_weights=...)``: gather and
+  reduction in one kernel, nothing of size ``points x D`` is materialised. Memory: the block's indices and
+  weights.
 * **Backward**, written by hand; it keeps only the inputs and recomputes the corners per block:
 
   - locations and attention weights need, per corner, the dot product of the output gradient with the corner's
-    value row (a gather of the block's rows and a batched matrix-vector product, memory bounded by the block);
+    value row (a gather of the block's rows and one batched ``(1 x D) @ (D x K)`` product; memory bounded by the
+    block);
   - ``value`` receives one scatter for all levels, points and queries. With many points per key (encoder
     self-attention) it is done as a *gather*: the sampling points are sorted once by their top-left corner in the
     zero-bordered table, and four ``embedding_bag`` calls (one per corner, bags = table rows) sum the weighted
@@ -43,14 +47,12 @@ _FWD_BLOCK_POINTS = int(os.environ.get("DEFORMATTN_MSDA_FWD_BLOCK", 1 << 18))
 _BWD_BLOCK_POINTS = int(os.environ.get("DEFORMATTN_MSDA_BWD_BLOCK", 1 << 15))
 
 
-def _level_tables(spatial_shapes: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Per level (Tensor[L] each, int64): height, width, start row in ``value``, start in the padded grid."""
+def _level_tables(spatial_shapes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per level (Tensor[L] each, int64, computed from the tensor so that exported graphs keep the sizes dynamic):
+    height, width, start row in ``value``."""
     H, W = spatial_shapes[:, 0], spatial_shapes[:, 1]
     sizes = H * W
-    start = torch.cumsum(sizes, 0) - sizes
-    ext = (H + 1) * (W + 1)  # top-left corners range over [-1, H-1] x [-1, W-1]
-    ext_start = torch.cumsum(ext, 0) - ext
-    return H, W, start, ext_start
+    return H, W, torch.cumsum(sizes, 0) - sizes
 
 
 def _pixel_coords(loc: Tensor, Wf: Tensor, Hf: Tensor) -> tuple[Tensor, Tensor]:
@@ -300,7 +302,7 @@ def msda_gather(value: Tensor, spatial_shapes: Tensor, sampling_locations: Tenso
     """
     N, S, M, D = value.shape
     _, Lq, _, L, P, _ = sampling_locations.shape
-    H, W, start, _ = _level_tables(spatial_shapes)
+    H, W, start = _level_tables(spatial_shapes)
     x0i, y0i, fx, fy, vx0, vx1, vy0, vy1 = _corners(sampling_locations, H, W)
     rows = _corner_rows(x0i, y0i, H, W, start, S, M)  # N, Lq, M, L, P, 4
     w = _corner_weights(attention_weights, fx, fy, vx0, vx1, vy0, vy1)  # N, Lq, M, L, P, 4
