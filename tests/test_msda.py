@@ -436,3 +436,17 @@ def test_backend_choice_logs_why(caplog, monkeypatch):
         msda_ops.select_msda_backend(None)
     with pytest.raises(ValueError, match="backend must be None or one of"):
         msda_ops.select_msda_backend("turbo")
+
+
+@pytest.mark.parametrize("which", [(0,), (1,), (2,), (1, 2)])
+@pytest.mark.parametrize("Lq", [2, 40])  # the value gradient's direct scatter and sorted gather
+def test_fast_gradients_of_some_inputs(which, Lq):
+    shapes = [(6, 7), (3, 4)]
+    value, loc, attn = _inputs(shapes, N=1, Lq=Lq, M=2, D=3, P=2)
+    grads = {}
+    for backend in BACKENDS:
+        leaves = [t.clone().requires_grad_(i in which) for i, t in enumerate((value, loc, attn))]
+        out = msda(leaves[0], shapes, leaves[1], leaves[2], backend=backend)
+        grads[backend] = torch.autograd.grad(out.square().sum(), [leaves[i] for i in which])
+    for a, b in zip(grads["fast"], grads["reference"]):
+        _close(a, b, torch.float64, "grad")
