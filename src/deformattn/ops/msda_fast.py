@@ -243,27 +243,37 @@ class _SampleFunction(torch.autograd.Function):
         if scatter:
             grad_value = _interior(grad_table.view(N, sp, M, D), shapes, starts)
         elif need_value:
-            grad_value = _scatter_value(go, keys, corner_w, shapes, starts, sp, value.shape)
+            held = [keys, corner_w]  # handed over so that _scatter_value can free them as soon as they are used
+            del keys, corner_w
+            grad_value = _scatter_value(go, held, shapes, starts, sp, value.shape)
         else:
             grad_value = None
         return grad_value, None, grad_loc, grad_attn
 
 
-def _scatter_value(go: Tensor, keys: Tensor, corner_w: Tensor, shapes: list[tuple[int, int]], starts: list[int],
-                   sp: int, value_shape: torch.Size) -> Tensor:
+def _scatter_value(go: Tensor, held: list[Tensor], shapes: list[tuple[int, int]], starts: list[int], sp: int,
+                   value_shape: torch.Size) -> Tensor:
     """Gradient of ``value`` (Tensor[N, S, M, D]): every point adds ``corner weight * grad_out[query, head]`` to
     its four corners. The points are sorted by the row of their top-left corner in the padded table, so each padded
     position is one bag of ``embedding_bag`` per corner (a gather-sum, no atomic scatter); corner ``(dy, dx)`` of
-    top-left padded position ``(i, j)`` is value position ``(i - 1 + dy, j - 1 + dx)``."""
+    top-left padded position ``(i, j)`` is value position ``(i - 1 + dy, j - 1 + dx)``.
+
+    ``held`` is ``[keys, corner_w]`` (top-left rows Tensor[N, Lq, M, L, P] and corner weights Tensor[..., 4]); the
+    list is emptied and each tensor released once used (peak memory)."""
     N, S, M, D = value_shape
+    keys, corner_w = held
+    held.clear()
     LP = keys.shape[-2] * keys.shape[-1]
     flat_keys = keys.view(-1)
     order = torch.argsort(flat_keys)
     counts = torch.bincount(flat_keys, minlength=N * sp * M)
+    del keys, flat_keys
     offsets = torch.cumsum(counts, 0) - counts
+    del counts
     bag_rows = order // LP  # the (n, q, m) row of go of each sorted point
     go_rows = go.view(-1, D)
     sorted_w = corner_w.view(-1, 4).index_select(0, order).t().contiguous()  # 4, points (sorted)
+    del corner_w, order
     grad = go.new_zeros(value_shape)
     starts_value = [sum(h * w for h, w in shapes[:i]) for i in range(len(shapes))]
     for c, (dy, dx) in enumerate(((0, 0), (0, 1), (1, 0), (1, 1))):  # one corner's table alive at a time
