@@ -5,10 +5,12 @@ from typing import Any
 
 from . import functional
 from .attention import DeformableAttention2d
+from .msda import MultiScaleDeformableAttention
 
 __version__ = "0.1.0"
 
-__all__ = ["DeformableAttention2d", "create_model", "functional", "list_models", "__version__"]
+__all__ = ["DeformableAttention2d", "MultiScaleDeformableAttention", "create_model", "functional", "list_models",
+           "__version__"]
 
 _LAZY = {"create_model": "models", "list_models": "models"}
 

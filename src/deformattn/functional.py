@@ -396,3 +396,9 @@ def position_bias(bias: PositionBias | None, H: int, W: int, pos: Tensor) -> Ten
     if bias.kind == "log_cpb":
         return log_cpb_bias_fn(q_grid, pos, bias.groups, *bias.params)
     raise ValueError(f"position_bias: kind must be 'table', 'fixed' or 'log_cpb', got {bias.kind!r}")
+
+
+# Multi-scale deformable attention (Deformable DETR) lives in ops/msda.py with its backends; re-exported here.
+from .ops.msda import multi_scale_deformable_attention  # noqa: E402
+
+__all__ += ["multi_scale_deformable_attention"]

@@ -1,0 +1,211 @@
+"""Multi-scale deformable attention (Deformable DETR, Zhu et al. ICLR 2021): the functional core and its backend
+choice.
+
+Shapes (one-letter vocabulary): ``N`` batch, ``Lq`` queries, ``S`` flattened keys of all levels (``sum H_l * W_l``),
+``M`` heads, ``D`` channels per head, ``L`` levels, ``P`` sampling points per head and level.
+
+Coordinate convention (the official one)
+----------------------------------------
+A sampling location is ``(x, y)`` in ``[0, 1]``, relative to the level's map, with ``align_corners=False``
+semantics: ``0`` is the *left edge* of the first pixel and ``1`` the right edge of the last one, so pixel column
+``j`` has its centre at ``(j + 0.5) / W``. The location reads ``value`` bilinearly at pixel coordinate
+``x * W - 0.5``, and a pixel outside the map reads zero. Worked example on a level with ``W = 4`` columns:
+``x = 0.5`` is pixel coordinate ``1.5``, halfway between columns 1 and 2 (``0.5 * v[1] + 0.5 * v[2]``);
+``x = 0.125`` is column 0 exactly; ``x = 0`` is ``-0.5``, half of column 0 plus half of the zero padding
+(``0.5 * v[0]``); ``x = 1.2`` is ``4.3``, entirely outside: zero. The level's rows in ``value`` start at
+``level_start_index[l] = sum_{k < l} H_k * W_k`` and are in row-major order (``y * W + x``).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from . import msda_fast as msda_fast_module
+from .msda_fast import _SampleFunction, msda_fast, msda_gather
+from .msda_reference import msda_reference
+
+__all__ = ["MSDA_BACKENDS", "multi_scale_deformable_attention", "select_msda_backend", "check_msda_inputs",
+           "is_tracing"]
+
+logger = logging.getLogger("deformattn.msda")
+
+MSDA_BACKENDS = ("reference", "fast")
+_OWNER = "multi_scale_deformable_attention"
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def is_tracing() -> bool:
+    """True while a graph is being captured (TorchScript tracing, ONNX export, ``torch.export`` / ``compile``):
+    data-dependent checks are skipped then and the plain-operation form runs."""
+    return bool(torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling())
+
+
+def _shapes_list(spatial_shapes: Tensor) -> list[tuple[int, int]]:
+    return [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+
+
+def _can_run(name: str, *, tracing: bool) -> tuple[bool, str]:
+    """Whether backend ``name`` runs these inputs, and why (shape of the shared dispatcher's ``can_run``)."""
+    if name == "reference":
+        return True, "official algorithm (grid_sample per level), any device / dtype"
+    if tracing:
+        return True, "graph capture: plain-operation gather form (no GridSample, dynamic sizes)"
+    return True, "corner gather + embedding_bag, hand-written backward, any device / dtype"
+
+
+def select_msda_backend(backend: str | None = None, *, owner: str = _OWNER) -> tuple[str, Callable[..., Tensor]]:
+    """The backend that runs multi-scale deformable attention: ``backend`` if given, else ``$DEFORMATTN_BACKEND``,
+    else the first of ``("fast", "reference")`` that can run. Returns ``(name, function)``; the function takes
+    ``(value, spatial_shapes: Tensor[L, 2], sampling_locations, attention_weights)``. One debug line says why."""
+    if backend is not None and backend not in MSDA_BACKENDS:
+        raise ValueError(f"{owner}: backend must be None or one of {MSDA_BACKENDS}, got {backend!r}")
+    env = os.environ.get("DEFORMATTN_BACKEND") or None
+    if backend is None and env is not None and env not in MSDA_BACKENDS:
+        raise ValueError(f"{owner}: $DEFORMATTN_BACKEND must be one of {MSDA_BACKENDS}, got {env!r}")
+    tracing = is_tracing()
+    requested = backend or env
+    candidates = (requested,) if requested else ("fast", "reference")
+    for name in candidates:
+        ok, reason = _can_run(name, tracing=tracing)
+        if ok:
+            break
+    how = "requested" if backend else ("$DEFORMATTN_BACKEND" if env else "auto")
+    if not tracing:
+        logger.debug("%s: backend %r (%s): %s", owner, name, how, reason)
+    if name == "reference":
+        return name, lambda v, s, loc, a: msda_reference(v, _shapes_list(s), loc, a)
+    return name, (msda_gather if tracing else msda_fast)
+
+
+def _check_tensor(x: Any, name: str, owner: str, dims: int, layout: str) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{owner}: {name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != dims:
+        raise ValueError(f"{owner}: {name} must have shape {layout} ({dims} dims), got {x.dim()} dims with shape "
+                         f"{tuple(x.shape)}")
+
+
+def as_spatial_shapes(spatial_shapes: Any, device: torch.device, owner: str) -> Tensor:
+    """``spatial_shapes`` as an int64 Tensor[L, 2] on ``device`` (a sequence of ``(H, W)`` pairs is accepted)."""
+    if isinstance(spatial_shapes, Tensor):
+        if spatial_shapes.is_floating_point() or spatial_shapes.is_complex() or spatial_shapes.dtype == torch.bool:
+            raise TypeError(f"{owner}: spatial_shapes must be an integer tensor, got dtype {spatial_shapes.dtype}")
+        shapes = spatial_shapes
+    elif isinstance(spatial_shapes, Sequence) and all(
+        isinstance(p, Sequence) and len(p) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in p)
+        for p in spatial_shapes
+    ):
+        shapes = torch.tensor([list(p) for p in spatial_shapes], dtype=torch.int64).view(-1, 2)
+    else:
+        raise TypeError(f"{owner}: spatial_shapes must be a Tensor[L, 2] of ints or a sequence of (H, W) int pairs, "
+                        f"got {type(spatial_shapes).__name__}")
+    if shapes.dim() != 2 or shapes.shape[1] != 2:
+        raise ValueError(f"{owner}: spatial_shapes must have shape (L, 2) (one (H, W) per level), got "
+                         f"{tuple(shapes.shape)}")
+    return shapes.to(device=device, dtype=torch.int64)
+
+
+def check_msda_inputs(value: Any, spatial_shapes: Tensor, sampling_locations: Any, attention_weights: Any,
+                      level_start_index: Any = None, *, owner: str = _OWNER) -> None:
+    """Every shape rule of the core, with errors that name the argument and the shapes received.
+
+    ``spatial_shapes`` must already be a Tensor[L, 2] (see :func:`as_spatial_shapes`). The checks that read
+    tensor values (sizes vs ``S``, ``level_start_index``) are skipped while a graph is captured.
+    """
+    _check_tensor(value, "value", owner, 4, "(N, S, M, D)")
+    _check_tensor(sampling_locations, "sampling_locations", owner, 6, "(N, Lq, M, L, P, 2)")
+    _check_tensor(attention_weights, "attention_weights", owner, 5, "(N, Lq, M, L, P)")
+    for name, t in (("value", value), ("sampling_locations", sampling_locations),
+                    ("attention_weights", attention_weights)):
+        if not t.is_floating_point():
+            raise TypeError(f"{owner}: {name} must be a floating-point tensor, got dtype {t.dtype}")
+    N, S, M, D = value.shape
+    L = spatial_shapes.shape[0]
+    loc, attn = tuple(sampling_locations.shape), tuple(attention_weights.shape)
+    if loc[-1] != 2:
+        raise ValueError(f"{owner}: sampling_locations must end with 2 coordinates (x, y), got shape {loc}")
+    if loc[0] != N or loc[2] != M:
+        raise ValueError(f"{owner}: sampling_locations (N, Lq, M, L, P, 2) = {loc} must match value (N, S, M, D) = "
+                         f"{tuple(value.shape)} in N and M")
+    if loc[3] != L:
+        raise ValueError(f"{owner}: sampling_locations has {loc[3]} levels (dim 3 of {loc}) but spatial_shapes has "
+                         f"{L} (shape {tuple(spatial_shapes.shape)})")
+    if attn != loc[:5]:
+        raise ValueError(f"{owner}: attention_weights must have shape (N, Lq, M, L, P) = {loc[:5]} (from "
+                         f"sampling_locations {loc}), got {attn}")
+    if level_start_index is not None:
+        _check_tensor(level_start_index, "level_start_index", owner, 1, "(L,)")
+        if level_start_index.is_floating_point():
+            raise TypeError(f"{owner}: level_start_index must be an integer tensor, got dtype "
+                            f"{level_start_index.dtype}")
+        if level_start_index.shape[0] != L:
+            raise ValueError(f"{owner}: level_start_index must have shape ({L},) (one per level of spatial_shapes), "
+                             f"got {tuple(level_start_index.shape)}")
+    if is_tracing():
+        return
+    shapes = _shapes_list(spatial_shapes)
+    if any(h < 0 or w < 0 for h, w in shapes):
+        raise ValueError(f"{owner}: spatial_shapes must be non-negative, got {shapes}")
+    total = sum(h * w for h, w in shapes)
+    if total != S:
+        raise ValueError(f"{owner}: spatial_shapes {shapes} cover sum(H * W) = {total} keys but value has S = {S} "
+                         f"(dim 1 of shape {tuple(value.shape)})")
+    if level_start_index is not None:
+        expected = [sum(h * w for h, w in shapes[:i]) for i in range(L)]
+        got = [int(v) for v in level_start_index.tolist()]
+        if got != expected:
+            raise ValueError(f"{owner}: level_start_index must be the start of each level in value, {expected} for "
+                             f"spatial_shapes {shapes}, got {got}")
+
+
+def multi_scale_deformable_attention(
+    value: Tensor,
+    spatial_shapes: Tensor | Sequence[tuple[int, int]],
+    sampling_locations: Tensor,
+    attention_weights: Tensor,
+    *,
+    level_start_index: Tensor | None = None,
+    backend: str | None = None,
+) -> Tensor:
+    """Multi-scale deformable attention core (``MSDeformAttnFunction`` / ``ms_deform_attn_core_pytorch``).
+
+    ``output[n, q, m*D:(m+1)*D] = sum_{l, p} attention_weights[n, q, m, l, p] *
+    bilinear(value_l[n, :, m], sampling_locations[n, q, m, l, p])``, zeros outside each map.
+
+    Args:
+        value (Tensor[N, S, M, D]): the projected keys of all levels, flattened level by level (row-major).
+        spatial_shapes (Tensor[L, 2]): ``(H_l, W_l)`` per level, integers (a list of pairs is accepted).
+        sampling_locations (Tensor[N, Lq, M, L, P, 2]): ``(x, y)`` in ``[0, 1]``, ``align_corners=False``
+            (see the module docstring); outside reads zeros.
+        attention_weights (Tensor[N, Lq, M, L, P]): usually softmax-normalised over ``(L, P)`` per head.
+        level_start_index (Tensor[L], optional): checked against ``spatial_shapes`` when given.
+        backend: ``None`` (the fast path, or ``$DEFORMATTN_BACKEND``), ``"reference"`` or ``"fast"``.
+
+    Returns:
+        Tensor[N, Lq, M*D]. Differentiable in value, locations and weights. Float16 / bfloat16 inputs are sampled
+        in float32 with autocast disabled (as detection code does for this op); the result has the promoted dtype
+        of the three inputs.
+    """
+    if isinstance(value, Tensor):
+        shapes = as_spatial_shapes(spatial_shapes, value.device, _OWNER)
+    else:
+        raise TypeError(f"{_OWNER}: value must be a torch.Tensor, got {type(value).__name__}")
+    check_msda_inputs(value, shapes, sampling_locations, attention_weights, level_start_index)
+    name, fn = select_msda_backend(backend)
+    out_dtype = torch.promote_types(torch.promote_types(value.dtype, sampling_locations.dtype),
+                                    attention_weights.dtype)
+    compute = torch.float32 if out_dtype in _LOW_PRECISION else out_dtype
+    N, S, M, D = value.shape
+    Lq = sampling_locations.shape[1]
+    with torch.autocast(value.device.type, enabled=False):
+        v, loc, attn = value.to(compute), sampling_locations.to(compute), attention_weights.to(compute)
+        if S == 0 and not is_tracing():
+            # every level empty: zeros, still connected to the inputs (zero gradients)
+            out = v.new_zeros(N, Lq, M * D) + 0 * (v.sum() + loc.sum() + attn.sum())
+        else:
+            out = fn(v, shapes, loc, attn)
+    return out.to(out_dtype)
