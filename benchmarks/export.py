@@ -298,6 +298,7 @@ def main_dynamic(args: argparse.Namespace) -> int:
     print()
     print(table)
     atomic_write_json(args.json, report)
+    Path(args.partial_json).unlink(missing_ok=True)
     print(f"\nwrote {args.json}", file=sys.stderr)
     return 0
 
