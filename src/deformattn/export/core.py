@@ -9,17 +9,19 @@ The data path, top-down:
    * **ONNX** - :func:`_export_program` captures the model with ``torch.export.export(strict=False)``; then
      ``torch.onnx.export(program, dynamo=True)`` (the exporter torch >= 2.9 recommends; the TorchScript-based one is
      deprecated, and it records every size computed in Python as a constant without saying so) translates it at
-     ``opset`` (default 18, at least 16). With ``dynamic=True`` the batch is dynamic, and the height and width too
-     when ``torch.export`` can prove the model's code works for every size (it raises rather than silently fixing a
-     size); otherwise they stay at ``img_size`` and :attr:`ExportResult.spatial_note` says why. ``dynamic="batch"``
-     asks for a dynamic batch only.
+     ``opset`` (default 18, at least 16). With ``dynamic=True`` the batch, height and width are dynamic: the
+     model's size code is shape-polymorphic (:mod:`deformattn._shapes`), so one trace at a generic size
+     (:func:`_trace_size`) holds the code of every size. A model whose code fixes the size (``pos_bias="fixed"``)
+     keeps its height and width, and :attr:`ExportResult.spatial_note` says why. ``dynamic="batch"`` asks for a
+     dynamic batch only.
    * **TorchScript** - ``torch.jit.trace`` (see :func:`_torchscript_bytes` for why tracing, not scripting).
 
 3. The temporary file is loaded back (onnxruntime, CPU execution provider / ``torch.jit.load``) and run on fresh
-   random batches: the export shape, and with ``dynamic=True`` batches of 1 and ``batch_size + 1`` (and another
-   height and width when those are dynamic). The outputs are compared with the PyTorch model as the caller gave it
-   (its own sampler, its default backend); a difference above ``atol + rtol * max|reference|`` raises
-   :class:`ExportVerificationError`.
+   random batches: the export shape, and with ``dynamic=True`` batches of 1 and ``batch_size + 1`` (and, when the
+   height and width are dynamic, the three :func:`other_sizes`: odd, non-square, smaller). The outputs are compared
+   with the PyTorch model as the caller gave it (its own sampler, its default backend); a difference above
+   ``atol + rtol * max|reference|`` raises :class:`ExportVerificationError`. ``progress`` reports the steps
+   (capture, translate, verify) with elapsed times.
 4. Only a verified file replaces ``output`` (``os.replace``): a failure at any step leaves no partial file and
    keeps a previous ``output`` intact.
 """
@@ -186,10 +188,10 @@ def export_model(
             the CPU. Its training flag and samplers are restored afterwards.
         fmt: ``"onnx"`` or ``"torchscript"``.
         img_size: input ``H, W`` (int or pair); default: the model's ``pretrained_cfg["input_size"]``.
-        dynamic: ONNX: dynamic batch, and height / width where the model's code allows (see
-            :attr:`ExportResult.dynamic_spatial` and ``spatial_note``); ``"batch"``: a dynamic batch only (one
-            ``torch.export`` instead of up to three: faster when the size is known). TorchScript: the trace is
-            checked at other batch sizes too (its height and width are always those of the trace).
+        dynamic: ONNX: dynamic batch, height and width (any size >= the model's minimum; see
+            :attr:`ExportResult.dynamic_spatial` and ``spatial_note``); ``"batch"``: a dynamic batch only.
+            TorchScript: the trace is checked at other batch sizes too (its height and width are always those of
+            the trace: sizes computed in Python become constants).
         output: file to write (parent folders are created).
         batch_size: batch of the example input (>= 2, so that the exporter does not take batch 1 as a constant).
         in_chans: input channels; default ``model.in_chans`` (DAT) or ``model.dim`` (DeformableAttention2d).
