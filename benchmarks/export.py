@@ -168,6 +168,141 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {"rows": rows, **extra}
 
 
+SWIN = "swin_tiny_patch4_window7_224"
+
+
+def _build(name: str):
+    """A registered deformattn variant, or timm's Swin-T (random weights) as the yardstick."""
+    if name == SWIN:
+        import timm
+
+        return timm.create_model(SWIN, pretrained=False).eval()
+    from deformattn.models import create_model
+
+    return create_model(name).eval()
+
+
+def run_dynamic(args: argparse.Namespace) -> dict[str, Any]:
+    """Issue 14's table: per model, ``export_model(model, "onnx", dynamic=True)`` (time, nodes, op types, what is
+    dynamic), then eager vs onnxruntime at every batch size and every size the file accepts."""
+    import onnxruntime as ort
+
+    torch = setup_torch(args.threads, args.seed)
+    from deformattn.export import export_model
+
+    t0 = time.perf_counter()
+    exports: list[dict[str, Any]] = []
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models:
+            torch.manual_seed(args.seed)
+            model = _build(name)
+            path = Path(tmp) / f"{name}.onnx"
+            _log(t0, f"exporting {name} (dynamic=True) ...")
+            t_export = time.perf_counter()
+            result = export_model(model, "onnx", img_size=args.sizes[0], dynamic=True, output=path,
+                                  progress=lambda line: _log(t0, f"  {name}: {line}"))
+            wall = time.perf_counter() - t_export
+            ops = dict(sorted(result.op_counts.items(), key=lambda kv: (-kv[1], kv[0])))
+            exports.append({"model": name, "export_s": result.export_seconds, "capture_s": result.capture_seconds,
+                            "translate_s": result.translate_seconds, "verify_s": result.verify_seconds,
+                            "wall_s": wall, "nodes": sum(ops.values()), "op_types": ops,
+                            "dynamic_spatial": result.dynamic_spatial, "spatial_note": result.spatial_note,
+                            "file_mib": result.file_bytes / 2**20, "checks": result.checks,
+                            "max_abs_diff": result.max_abs_diff})
+            _log(t0, f"{name}: export {result.export_seconds:.0f} s (capture {result.capture_seconds:.0f}, "
+                     f"translate {result.translate_seconds:.0f}), {sum(ops.values())} nodes, "
+                     f"spatial: {result.spatial_note}")
+            so = ort.SessionOptions()
+            so.intra_op_num_threads = args.threads
+            so.inter_op_num_threads = 1
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+            input_name = session.get_inputs()[0].name
+            for H, W in args.sizes:
+                if not result.dynamic_spatial and (H, W) != tuple(result.input_shape[2:]):
+                    continue
+                for b in args.batch_sizes:
+                    x = torch.randn(b, 3, H, W, generator=torch.Generator().manual_seed(args.seed))
+                    with torch.inference_mode():
+                        ref = model(x)
+
+                    def eager(x=x):
+                        with torch.inference_mode():
+                            return model(x)
+
+                    feed = {input_name: x.numpy()}
+                    fns = {"pytorch-eager": eager,
+                           "onnxruntime": lambda feed=feed: torch.from_numpy(session.run(None, feed)[0])}
+                    diff = float((fns["onnxruntime"]() - ref).abs().max())
+                    scale = float(ref.abs().max())
+                    medians: dict[str, list[float]] = {rt: [] for rt in fns}
+                    for r in range(args.rounds):
+                        for rt, fn in fns.items():
+                            t = time_fn(fn, warmup=args.warmup if r == 0 else 0,
+                                        repeats=max(1, -(-args.repeats // args.rounds)),
+                                        budget_s=args.budget / args.rounds, min_repeats=args.min_repeats)
+                            medians[rt].append(t["median_ms"])
+                    eager_ms = statistics.median(medians["pytorch-eager"])
+                    ort_ms = statistics.median(medians["onnxruntime"])
+                    rows.append({"model": name, "H": H, "W": W, "batch": b, "eager_ms": eager_ms, "ort_ms": ort_ms,
+                                 "ort_speedup": eager_ms / ort_ms, "max_abs_diff": diff,
+                                 "rel_diff": diff / max(scale, 1e-30), "rounds_ms": medians})
+                    _log(t0, f"{name} {H}x{W} batch {b}: eager {eager_ms:.0f} ms, onnxruntime {ort_ms:.0f} ms "
+                             f"({eager_ms / ort_ms:.2f}x), max abs diff {diff:.1e} ({diff / max(scale, 1e-30):.1e} "
+                             "of max|logit|)")
+            del session, model
+            if args.partial_json:  # a long run leaves what it has measured so far
+                atomic_write_json(args.partial_json, {"exports": exports, "rows": rows, "partial": True})
+    swin = next((e["export_s"] for e in exports if e["model"] == SWIN), None)
+    for e in exports:
+        e["vs_swin"] = e["export_s"] / swin if swin else None
+    return {"exports": exports, "rows": rows}
+
+
+def format_dynamic(result: dict[str, Any]) -> str:
+    body = []
+    for e in result["exports"]:
+        vs = "-" if e["vs_swin"] is None else f"{e['vs_swin']:.2f}x"
+        top = ", ".join(f"{k} {v}" for k, v in list(e["op_types"].items())[:8])
+        more = len(e["op_types"]) - 8
+        body.append([e["model"], f"{e['export_s']:.0f}", f"{e['capture_s']:.0f} + {e['translate_s']:.0f}", vs,
+                     e["nodes"], "dynamic" if e["dynamic_spatial"] else "fixed",
+                     top + (f", +{more} more types" if more > 0 else ""), e["op_types"].get("GridSample", 0)])
+    t1 = markdown_table(["model", "export s", "capture + translate s", "vs Swin-T", "nodes", "H, W",
+                         "op types (most frequent)", "GridSample"], body, align="lrrrrlll")
+    body = [[r["model"], f"{r['H']}x{r['W']}", r["batch"], _ms(r["eager_ms"]), _ms(r["ort_ms"]),
+             f"{r['ort_speedup']:.2f}x", f"{r['rel_diff']:.1e}"] for r in result["rows"]]
+    t2 = markdown_table(["model", "size", "batch", "eager ms", "onnxruntime ms", "ort speed-up",
+                         "max abs diff / max|logit|"], body, align="lrrrrrr")
+    return t1 + "\n\n" + t2
+
+
+def main_dynamic(args: argparse.Namespace) -> int:
+    created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    result = run_dynamic(args)
+    import importlib.metadata
+
+    import torch
+
+    info = {**machine_info(), "threads": args.threads, "onnxruntime": importlib.metadata.version("onnxruntime")}
+    table = format_dynamic(result)
+    threads = f"{args.threads} thread" + ("s" if args.threads != 1 else "")
+    title = (f"dynamic ONNX export (export_model(..., dynamic=True), opset 18, gather sampler) and inference on the "
+             f"CPU ({threads}), {created[:10]}; {info['cpu']}, {info['cores']} cores; torch {torch.__version__}, "
+             f"onnxruntime {info['onnxruntime']}")
+    report = {"benchmark": "export_dynamic", "created": created, "machine": info,
+              "config": {k: v for k, v in vars(args).items() if k not in ("json",)},
+              "title": title, "table_markdown": table, **result}
+    print(title)
+    print()
+    print(table)
+    atomic_write_json(args.json, report)
+    Path(args.partial_json).unlink(missing_ok=True)
+    print(f"\nwrote {args.json}", file=sys.stderr)
+    return 0
+
+
 def _ms(value: float) -> str:
     return f"{value:.1f}" if value < 100 else f"{value:.0f}"
 
@@ -208,8 +343,26 @@ def main(argv: list[str] | None = None) -> int:
                    help="use the existing --onnx FILE instead of exporting again (the export of dat_pp_tiny takes "
                         "minutes); its outputs are still compared with eager's")
     p.add_argument("--quick", action="store_true", help="dat_nano at 32, 2 repeats: a smoke test")
-    p.add_argument("--json", default=str(HERE / "results" / "export.json"), help="where to write the results")
+    p.add_argument("--json", default=None,
+                   help="where to write the results (default results/export.json; --dynamic: export_dynamic.json)")
+    p.add_argument("--dynamic", action="store_true",
+                   help="issue 14's table: export --models with dynamic=True (time vs Swin-T, nodes, op types), "
+                        "then eager vs onnxruntime at --sizes and --batch-sizes")
+    p.add_argument("--models", nargs="+", default=["dat_pp_tiny", "dat_tiny", SWIN],
+                   help="--dynamic: models to export (default dat_pp_tiny dat_tiny and timm's Swin-T)")
+    p.add_argument("--sizes", nargs="+", type=lambda t: tuple(int(v) for v in t.split("x")),
+                   default=[(224, 224), (257, 319)], metavar="HxW",
+                   help="--dynamic: input sizes; the first is the export size (default 224x224 257x319)")
     args = p.parse_args(argv)
+    if args.dynamic:
+        if args.quick:
+            args.models = ["dat_nano", "dat_v1_nano"]
+            args.sizes = [(32, 32), (41, 57)]
+            args.repeats, args.rounds, args.warmup, args.min_repeats = 2, 2, 1, 1
+        args.json = args.json or str(HERE / "results" / "export_dynamic.json")
+        args.partial_json = args.json + ".partial"
+        return main_dynamic(args)
+    args.json = args.json or str(HERE / "results" / "export.json")
     if args.quick:
         args.model = args.model or "dat_nano"
         args.img_size = args.img_size or 32

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import functional as DF
+from ._shapes import is_symbolic, sym_max
 from ._utils import check_float, check_image_tensor, check_int, to_2tuple
 from .backends import DEFORMABLE_OP, Problem, check_backend_name, select_backend
 
@@ -253,8 +254,8 @@ class DeformableAttention2d(nn.Module):
             q_off = q.reshape(B * G, Cg, H, W)  # BG, Cg, H, W
             k, p = self.offset_kernel_size, self.offset_padding
             # maps shorter than the kernel get padded bottom/right so the key grid keeps >= 1 point
-            pad_h, pad_w = max(k - H - 2 * p, 0), max(k - W - 2 * p, 0)
-            if pad_h or pad_w:
+            pad_h, pad_w = sym_max(k - H - 2 * p, 0), sym_max(k - W - 2 * p, 0)
+            if is_symbolic(H, W) or pad_h or pad_w:
                 q_off = F.pad(q_off, (0, pad_w, 0, pad_h))
             offset = self.conv_offset(q_off).to(acc)  # BG, 2, Hk, Wk
         pos = DF.bound_offsets(

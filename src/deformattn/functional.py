@@ -44,6 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._shapes import sym_max, sym_min
+
 __all__ = [
     "POS_BIAS_KINDS",
     "coord_dtype",
@@ -81,7 +83,7 @@ def key_grid_size(size: int, kernel_size: int, stride: int, padding: int) -> int
 
     A map shorter than the kernel is padded (bottom/right) up to it, so the key grid always has at least one point.
     """
-    return max((size + 2 * padding - kernel_size) // stride + 1, 1)
+    return sym_max((size + 2 * padding - kernel_size) // stride + 1, 1)
 
 
 def reference_points(
@@ -100,17 +102,16 @@ def reference_points(
     """
     axes = []
     for n in (Hk, Wk):
-        # Same operation order as the official code (linspace, divide, *2, -1) so float64 results agree to the ulp.
-        t = torch.linspace(0.5, n - 0.5, n, device=device, dtype=dtype)
+        # Same operation order as the official code (linspace, divide, *2, -1) so float64 results agree to the ulp;
+        # arange + 0.5 is linspace(0.5, n - 0.5, n) exactly (step 1) and needs no branch on a symbolic n.
+        t = torch.arange(n, device=device, dtype=dtype or torch.get_default_dtype()).add(0.5)
         if version == "v1":
-            t = t.div(float(n)).mul(2.0).sub(1.0)
-        elif n > 1:
-            t = t.div(n - 1.0).mul(2.0).sub(1.0)
+            t = t.div(n)
         elif offset_range_factor < 0:
-            t = torch.full_like(t, math.inf)  # official: 0.5 / 0 -> +inf, clamped to +1 afterwards
+            t = t.div(n - 1.0)  # n = 1: official 0.5 / 0 -> +inf, clamped to +1 afterwards
         else:
-            t = torch.zeros_like(t)  # official: ZeroDivisionError; centre of the map instead
-        axes.append(t)
+            t = t.div(sym_max(n - 1, 1))  # n = 1: official ZeroDivisionError; 0.5 / 1 -> the centre, 0
+        axes.append(t.mul(2.0).sub(1.0))
     ref_y, ref_x = torch.meshgrid(axes[0], axes[1], indexing="ij")
     return torch.stack((ref_y, ref_x), -1)  # Hk, Wk, 2
 
@@ -125,12 +126,11 @@ def query_grid(
     """
     axes = []
     for n in (H, W):
+        t = torch.arange(n, device=device, dtype=dtype or torch.get_default_dtype())
         if version == "v1":
-            t = torch.linspace(0.5, n - 0.5, n, device=device, dtype=dtype).div(float(n)).mul(2.0).sub(1.0)
-        elif n > 1:
-            t = torch.arange(0, n, device=device, dtype=dtype).div(n - 1.0).mul(2.0).sub(1.0)
+            t = t.add(0.5).div(n).mul(2.0).sub(1.0)  # linspace(0.5, n - 0.5, n) / n, exactly
         else:
-            t = torch.zeros(1, device=device, dtype=dtype)  # official: 0 / 0 = NaN
+            t = t.div(sym_max(n - 1, 1)).mul(2.0).sub(sym_min(n - 1, 1))  # n = 1: official 0 / 0 = NaN; here 0
         axes.append(t)
     qy, qx = torch.meshgrid(axes[0], axes[1], indexing="ij")
     return torch.stack((qy, qx), -1)  # H, W, 2
@@ -140,7 +140,7 @@ def offset_range(Hk: int, Wk: int, version: str) -> tuple[float, float]:
     """Scale of ``tanh(offset)`` per axis (before ``offset_range_factor``): half a grid step."""
     if version == "v1":
         return 1.0 / Hk, 1.0 / Wk
-    return tuple(1.0 / (n - 1.0) if n > 1 else 1.0 for n in (Hk, Wk))  # type: ignore[return-value]
+    return tuple(1.0 / sym_max(n - 1, 1) for n in (Hk, Wk))  # type: ignore[return-value]
 
 
 def bound_offsets(

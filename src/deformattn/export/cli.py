@@ -64,8 +64,9 @@ def _configure_export(p: argparse.ArgumentParser) -> None:
                    help="input height and width ('H W', or one value for both; default: the checkpoint's training "
                         "size, else the variant's input size)")
     p.add_argument("--dynamic", action=argparse.BooleanOptionalAction, default=False,
-                   help="ONNX: dynamic batch, and height / width where the model's code allows it (the summary "
-                        "says which); TorchScript: also verify at other batch sizes")
+                   help="ONNX: dynamic batch, height and width (any size >= the model's minimum; verified at three "
+                        "other sizes; the summary says if a model fixes them); TorchScript: verify at other batch "
+                        "sizes (a trace keeps its height and width)")
     p.add_argument("--output", "-o", metavar="FILE", default=None, help="the file to write (required)")
     p.add_argument("--batch-size", type=int, default=2,
                    help="batch of the example input, >= 2 (default 2; verification also runs 1 and B+1 with "
@@ -81,6 +82,8 @@ def _configure_export(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and verification batches")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--verbose", action="store_true", help="show the exporters' messages")
+    p.add_argument("--quiet", "-q", action="store_true",
+                   help="no progress lines (the steps capture, translate, verify with elapsed times, on stderr)")
 
 
 def load_export_model(model: str | None, checkpoint: str | None, *, ema: bool = False,
@@ -158,7 +161,6 @@ def _input_size(args: argparse.Namespace, net: Any, meta: dict[str, Any]) -> tup
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .._utils import elapsed_progress
     from .core import MIN_OPSET, ExportError, export_model
 
     if args.format is None:
@@ -177,10 +179,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     img_size = _input_size(args, net, meta)
     sampler = None if args.sampler == "as-built" else args.sampler
     try:
-        with elapsed_progress(f"exporting {name} to {args.format} at {img_size[0]}x{img_size[1]} and verifying it"):
-            result = export_model(net, args.format, img_size=img_size, dynamic=args.dynamic, output=output,
-                                  batch_size=args.batch_size, opset=args.opset, sampler=sampler, atol=args.atol,
-                                  rtol=args.rtol, seed=args.seed, verbose=args.verbose)
+        result = export_model(net, args.format, img_size=img_size, dynamic=args.dynamic, output=output,
+                              batch_size=args.batch_size, opset=args.opset, sampler=sampler, atol=args.atol,
+                              rtol=args.rtol, seed=args.seed, verbose=args.verbose, progress=not args.quiet)
     except ExportError as exc:
         print(f"deformattn export: error: {exc}", file=sys.stderr)
         return 1

@@ -9,17 +9,19 @@ The data path, top-down:
    * **ONNX** - :func:`_export_program` captures the model with ``torch.export.export(strict=False)``; then
      ``torch.onnx.export(program, dynamo=True)`` (the exporter torch >= 2.9 recommends; the TorchScript-based one is
      deprecated, and it records every size computed in Python as a constant without saying so) translates it at
-     ``opset`` (default 18, at least 16). With ``dynamic=True`` the batch is dynamic, and the height and width too
-     when ``torch.export`` can prove the model's code works for every size (it raises rather than silently fixing a
-     size); otherwise they stay at ``img_size`` and :attr:`ExportResult.spatial_note` says why. ``dynamic="batch"``
-     asks for a dynamic batch only.
+     ``opset`` (default 18, at least 16). With ``dynamic=True`` the batch, height and width are dynamic: the
+     model's size code is shape-polymorphic (:mod:`deformattn._shapes`), so one trace at a generic size
+     (:func:`_trace_size`) holds the code of every size. A model whose code fixes the size (``pos_bias="fixed"``)
+     keeps its height and width, and :attr:`ExportResult.spatial_note` says why. ``dynamic="batch"`` asks for a
+     dynamic batch only.
    * **TorchScript** - ``torch.jit.trace`` (see :func:`_torchscript_bytes` for why tracing, not scripting).
 
 3. The temporary file is loaded back (onnxruntime, CPU execution provider / ``torch.jit.load``) and run on fresh
-   random batches: the export shape, and with ``dynamic=True`` batches of 1 and ``batch_size + 1`` (and another
-   height and width when those are dynamic). The outputs are compared with the PyTorch model as the caller gave it
-   (its own sampler, its default backend); a difference above ``atol + rtol * max|reference|`` raises
-   :class:`ExportVerificationError`.
+   random batches: the export shape, and with ``dynamic=True`` batches of 1 and ``batch_size + 1`` (and, when the
+   height and width are dynamic, the three :func:`other_sizes`: odd, non-square, smaller). The outputs are compared
+   with the PyTorch model as the caller gave it (its own sampler, its default backend); a difference above
+   ``atol + rtol * max|reference|`` raises :class:`ExportVerificationError`. ``progress`` reports the steps
+   (capture, translate, verify) with elapsed times.
 4. Only a verified file replaces ``output`` (``os.replace``): a failure at any step leaves no partial file and
    keeps a previous ``output`` intact.
 """
@@ -28,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import sys
 import time
 import warnings
 from collections import Counter
@@ -124,6 +127,8 @@ class ExportResult:
     file_bytes: int = 0
     export_seconds: float = 0.0
     verify_seconds: float = 0.0
+    capture_seconds: float = 0.0
+    translate_seconds: float = 0.0
 
     @property
     def max_abs_diff(self) -> float:
@@ -173,6 +178,7 @@ def export_model(
     rtol: float = 1e-4,
     seed: int = 0,
     verbose: bool = False,
+    progress: bool | Callable[[str], None] = False,
 ) -> ExportResult:
     """Export ``model`` (``Tensor[B, C, H, W] -> Tensor``) to ``output``, then load the file back and verify it.
 
@@ -181,10 +187,10 @@ def export_model(
             the CPU. Its training flag and samplers are restored afterwards.
         fmt: ``"onnx"`` or ``"torchscript"``.
         img_size: input ``H, W`` (int or pair); default: the model's ``pretrained_cfg["input_size"]``.
-        dynamic: ONNX: dynamic batch, and height / width where the model's code allows (see
-            :attr:`ExportResult.dynamic_spatial` and ``spatial_note``); ``"batch"``: a dynamic batch only (one
-            ``torch.export`` instead of up to three: faster when the size is known). TorchScript: the trace is
-            checked at other batch sizes too (its height and width are always those of the trace).
+        dynamic: ONNX: dynamic batch, height and width (any size >= the model's minimum; see
+            :attr:`ExportResult.dynamic_spatial` and ``spatial_note``); ``"batch"``: a dynamic batch only.
+            TorchScript: the trace is checked at other batch sizes too (its height and width are always those of
+            the trace: sizes computed in Python become constants).
         output: file to write (parent folders are created).
         batch_size: batch of the example input (>= 2, so that the exporter does not take batch 1 as a constant).
         in_chans: input channels; default ``model.in_chans`` (DAT) or ``model.dim`` (DeformableAttention2d).
@@ -193,7 +199,9 @@ def export_model(
             the model's). Verification compares with the model as given, so it also checks the samplers agree.
         atol, rtol: verification passes when ``max|exported - pytorch| <= atol + rtol * max|pytorch|``.
         seed: seed of the random example and verification batches.
-        verbose: show the exporters' progress messages.
+        verbose: show the exporters' own messages.
+        progress: report the steps (capture, translate, verify) with elapsed times: True prints them to stderr,
+            a callable receives each line.
 
     Returns:
         :class:`ExportResult` (path, what is dynamic, per-check max abs differences, ONNX op counts).
@@ -229,18 +237,23 @@ def export_model(
         optional_import("onnxscript", "export", "ONNX export")
         ort = optional_import("onnxruntime", "export", "Verifying an ONNX export")
 
+    log = _progress_logger(progress)
     was_training = model.training
     model.eval()
     previous = set_sampler(model, sampler) if sampler is not None else {}
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(batch_size, C, H, W, generator=gen, dtype=dtype)
+    timings: dict[str, float] = {}
     try:
         with atomic_path(path) as tmp:
             t0 = time.perf_counter()
             if fmt == "onnx":
-                data, info = _onnx_bytes(model, x, dynamic, opset, verbose, sampler)
+                data, info = _onnx_bytes(model, x, dynamic, opset, verbose, sampler, log, timings)
             else:
+                if log is not None:
+                    log(f"capture: torch.jit.trace at {'x'.join(str(s) for s in x.shape)}")
                 data, info = _torchscript_bytes(model, x), _torchscript_info(dynamic)
+                timings["capture"] = time.perf_counter() - t0
             _write_bytes(tmp, data)
             export_seconds = time.perf_counter() - t0
             _restore_samplers(model, previous)  # verify against the model as the caller gave it
@@ -248,15 +261,31 @@ def export_model(
             t0 = time.perf_counter()
             run = _onnx_runner(ort, tmp) if fmt == "onnx" else _torchscript_runner(tmp)
             shapes = _check_shapes(model, x.shape, dynamic, info["dynamic_spatial"])
+            if log is not None:
+                what = "onnxruntime (CPU)" if fmt == "onnx" else "torch.jit.load"
+                log(f"verify: {what} vs PyTorch at {', '.join('x'.join(map(str, s)) for s in shapes)}")
             checks = _verify(model, run, shapes, gen, dtype, atol, rtol, fmt)
             verify_seconds = time.perf_counter() - t0
+            if log is not None:
+                worst = max(c["max_abs_diff"] / max(c["tolerance"], 1e-30) for c in checks)
+                log(f"verified: largest difference {worst:.2g} of the tolerance")
     finally:
         _restore_samplers(model, previous)
         model.train(was_training)
     return ExportResult(
         path=str(path), format=fmt, input_shape=tuple(x.shape), sampler=sampler, checks=checks,
-        file_bytes=path.stat().st_size, export_seconds=export_seconds, verify_seconds=verify_seconds, **info,
+        file_bytes=path.stat().st_size, export_seconds=export_seconds, verify_seconds=verify_seconds,
+        capture_seconds=timings.get("capture", 0.0), translate_seconds=timings.get("translate", 0.0), **info,
     )
+
+
+def _progress_logger(progress: bool | Callable[[str], None]) -> Callable[[str], None] | None:
+    """``progress``: False (silent), True (lines on stderr) or a callable; each line carries the elapsed time."""
+    if progress is False or progress is None:
+        return None
+    t0 = time.perf_counter()
+    sink = progress if callable(progress) else (lambda line: print(line, file=sys.stderr, flush=True))
+    return lambda msg: sink(f"[{time.perf_counter() - t0:6.1f} s] {msg}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -333,20 +362,34 @@ def _spatial_step(model: nn.Module) -> int:
     return int(getattr(model, "stride", 1))
 
 
-def _export_program(model: nn.Module, x: Tensor, dynamic: bool | str) -> tuple[Any, dict[str, Any]]:
+def _trace_size(H: int, W: int, step: int) -> tuple[int, int]:
+    """The example size a dynamic height and width are traced at: odd, non-square and large enough that no
+    size derived from it (stage maps, window and tile counts) is 1 or equal between the axes.
+
+    ``torch.export`` specialises a size that is 0 or 1 at the example, and turns a branch a library takes on a
+    size (a view or a broadcast deciding whether a dimension is 1) into a guard that holds for the example. At an
+    export size like 224 the last stage of DAT v1 has one 7x7 window, so a trace there would fix the size; traced
+    here, the graph holds the general code. It costs nothing: the trace runs on fake tensors.
+    """
+    base = 16 * max(1, step)  # the deepest map of a DAT is >= 16: >= 2 windows / tiles of up to 12 per axis
+    return max(H, base) + 3, max(W, base) + max(1, step) + 5
+
+
+def _export_program(
+    model: nn.Module, x: Tensor, dynamic: bool | str, log: Callable[[str], None] | None = None
+) -> tuple[Any, dict[str, Any]]:
     """``torch.export`` program of ``model`` at ``x`` and what is dynamic.
 
-    ``dynamic=True`` first asks for a dynamic batch, height and width. ``torch.export`` raises when the model's
-    Python code fixes a size (e.g. a size-keyed cache, a size turned into a Python number that decides the graph);
-    its suggested fixes are applied once (``refine_dynamic_shapes_from_suggested_fixes``: a narrower range, or a
-    fixed size). Guards it cannot decide symbolically become runtime assertions
-    (``prefer_deferred_runtime_asserts_over_guards``); the ONNX graph does not carry those, so a dynamic height and
-    width are kept only after the program has run correctly at a second size. Anything else that fails falls back
-    to a dynamic batch at the fixed ``img_size``.
+    ``dynamic=True`` asks for a dynamic batch, height and width (``Dim.AUTO`` with the model's minimum size): the
+    model's size-dependent code is shape-polymorphic (``deformattn._shapes``), so the program is traced once at a
+    generic example size (:func:`_trace_size`) and holds the general code. Guards that ``torch.export`` adds inside
+    PyTorch's own ops (whether a view or a broadcast meets a dimension of 1) become runtime assertions of the
+    program (``prefer_deferred_runtime_asserts_over_guards``); the ONNX graph does not carry them and its
+    operators handle those cases themselves, which the verification at other sizes checks. A model whose code
+    fixes the size (``pos_bias="fixed"``) keeps its height and width: ``spatial_note`` says so.
+    ``dynamic="batch"`` asks for a dynamic batch only.
     """
-    from torch._dynamo.exc import UserError
     from torch.export import Dim, export
-    from torch.export.dynamic_shapes import refine_dynamic_shapes_from_suggested_fixes
 
     B, C, H, W = x.shape
     if not dynamic:
@@ -358,53 +401,31 @@ def _export_program(model: nn.Module, x: Tensor, dynamic: bool | str) -> tuple[A
     if dynamic == "batch":
         reason = "dynamic='batch'"
     elif min(H, W) >= low:
-        shapes: tuple[dict[int, Any]] = ({0: batch, 2: Dim("height", min=low), 3: Dim("width", min=low)},)
+        Ht, Wt = _trace_size(H, W, _spatial_step(model))
+        xt = torch.randn(B, C, Ht, Wt, dtype=x.dtype)
+        if log is not None:
+            log(f"capture: torch.export with a dynamic batch, height and width (traced at {B}x{C}x{Ht}x{Wt})")
+        shapes: tuple[dict[int, Any]] = ({0: batch, 2: Dim.AUTO(min=low), 3: Dim.AUTO(min=low)},)
         try:
-            try:
-                ep = export(model, (x,), dynamic_shapes=shapes, strict=False,
-                            prefer_deferred_runtime_asserts_over_guards=True)
-            except UserError as exc:
-                refined = refine_dynamic_shapes_from_suggested_fixes(exc.msg, shapes)
-                if isinstance(refined[0].get(0), int):
-                    raise ExportError(f"{_OWNER}: the batch size cannot be dynamic: {_first_line(exc)}") from exc
-                fixed_hw = isinstance(refined[0].get(2), int) or isinstance(refined[0].get(3), int)
-                if fixed_hw:
-                    reason = f"torch.export found code that fixes the size ({_suggested_fixes(exc.msg)})"
-                    # a dynamic batch only: export that directly (once), as the fallback below would
-                    refined = ({0: refined[0].get(0, batch)},)
-                ep = export(model, (x,), dynamic_shapes=refined, strict=False,
-                            prefer_deferred_runtime_asserts_over_guards=True)
-                if fixed_hw:
-                    return ep, dict(dynamic_batch=True, dynamic_spatial=False, spatial_note=f"fixed: {reason}")
-        except ExportError:
-            raise
+            ep = export(model, (xt,), dynamic_shapes=shapes, strict=False,
+                        prefer_deferred_runtime_asserts_over_guards=True)
         except Exception as exc:  # noqa: BLE001 - any failure of the spatial attempt falls back to a fixed size
             reason = f"torch.export could not make height and width dynamic ({_first_line(exc)})"
         else:
             ranges = _input_ranges(ep)
-            if not reason and isinstance(ranges[2], tuple) and isinstance(ranges[3], tuple):
-                problem = _probe_program(ep, model, x)
-                if problem is None:
-                    (h0, h1), (w0, w1) = ranges[2], ranges[3]
-                    note = f"height in [{h0}, {h1}], width in [{w0}, {w1}]"
-                    return ep, dict(dynamic_batch=True, dynamic_spatial=True, spatial_note=note)
-                reason = problem
-            elif not reason:
-                reason = "torch.export fixed the height / width"
+            if isinstance(ranges[2], tuple) and isinstance(ranges[3], tuple):
+                return ep, dict(dynamic_batch=True, dynamic_spatial=True,
+                                spatial_note=f"height and width >= {low}")
+            reason = "the model's code fixes the height / width (e.g. pos_bias='fixed')"
     else:
         reason = f"img_size below {low}"
+    if log is not None:
+        log(f"capture: torch.export with a dynamic batch at {H}x{W} ({reason})")
     try:
         ep = export(model, (x,), dynamic_shapes=({0: batch},), strict=False)
     except Exception as exc:
         raise ExportError(f"{_OWNER}: torch.export failed with a dynamic batch: {_first_line(exc)}") from exc
     return ep, dict(dynamic_batch=True, dynamic_spatial=False, spatial_note=f"fixed: {reason}")
-
-
-def _suggested_fixes(msg: str) -> str:
-    """The "Suggested fixes" lines of a torch.export constraint violation, on one line."""
-    lines = msg.split("Suggested fixes:", 1)[-1].strip().splitlines()
-    fixes = [ln.strip() for ln in lines if "=" in ln and not ln.startswith(" " * 0 + "The error")]
-    return "suggested fixes: " + ", ".join(fixes[:4]) if fixes else "no suggested fix"
 
 
 def _input_ranges(ep: Any) -> list[Any]:
@@ -430,42 +451,34 @@ def _to_int(value: Any) -> int | float:
         return float("inf")
 
 
-def _probe_program(ep: Any, model: nn.Module, x: Tensor) -> str | None:
-    """Run the program (with its runtime assertions) at a second, non-square size; None when it matches."""
-    B, C, H, W = x.shape
-    step = max(1, _spatial_step(model))
-    probe = torch.randn(1, C, H + step, W + 2 * step, dtype=x.dtype)
-    try:
-        with torch.no_grad():
-            got, ref = ep.module()(probe), model(probe)
-        for g, r in zip(_flatten(got), _flatten(ref)):
-            if g.shape != r.shape or not torch.allclose(g, r, atol=1e-4, rtol=1e-4):
-                return f"the program differs from the model at {H + step}x{W + 2 * step}"
-    except Exception as exc:  # noqa: BLE001 - a failed runtime assertion means the size is not free
-        return f"the program does not run at {H + step}x{W + 2 * step} ({_first_line(exc)})"
-    return None
-
-
 def _onnx_bytes(
-    model: nn.Module, x: Tensor, dynamic: bool | str, opset: int, verbose: bool, sampler: str | None
+    model: nn.Module, x: Tensor, dynamic: bool | str, opset: int, verbose: bool, sampler: str | None,
+    log: Callable[[str], None] | None = None, timings: dict[str, float] | None = None,
 ) -> tuple[bytes, dict[str, Any]]:
+    timings = {} if timings is None else timings
     with _quiet(verbose), warnings.catch_warnings():
         if not verbose:
             # side effects on size-keyed caches (window-attention masks) while tracing: harmless, the file is checked
             warnings.filterwarnings("ignore", message=".*side effects happened", category=UserWarning)
             # ... which torch.export undoes afterwards (and says so)
             warnings.filterwarnings("ignore", message=".*was assigned during export", category=UserWarning)
+        t0 = time.perf_counter()
         try:
-            ep, info = _export_program(model, x, dynamic)
+            ep, info = _export_program(model, x, dynamic, log)
         except ExportError:
             raise
         except Exception as exc:
             raise ExportError(f"{_OWNER}: torch.export failed: {_first_line(exc)}") from exc
+        timings["capture"] = time.perf_counter() - t0
+        if log is not None:
+            log(f"translate: torch.onnx.export(dynamo=True), opset {opset}")
+        t0 = time.perf_counter()
         try:
-            program = torch.onnx.export(ep, (x,), dynamo=True, opset_version=opset, input_names=["input"],
+            program = torch.onnx.export(ep, dynamo=True, opset_version=opset, input_names=["input"],
                                         optimize=True, verbose=verbose)
         except Exception as exc:
             raise ExportError(f"{_OWNER}: torch.onnx.export failed: {_first_line(exc)}") from exc
+        timings["translate"] = time.perf_counter() - t0
     proto = program.model_proto
     _name_input_dims(proto, {0: "batch", 2: "height", 3: "width"})
     counts = onnx_op_counts(proto)
@@ -597,17 +610,31 @@ def _flatten(out: Any) -> list[Tensor]:
     raise TypeError(f"{_OWNER}: the model returned a {type(out).__name__}; expected tensors")
 
 
+def other_sizes(H: int, W: int, step: int, low: int) -> list[tuple[int, int]]:
+    """Three sizes besides ``H x W`` that a dynamic export is checked at: odd and near-square, non-square and
+    larger, and smaller (down to ``low``); none a multiple of ``step`` unless ``low`` forces it.
+
+    For ``224 x 224`` and step 32: ``241 x 241``, ``258 x 294``, ``207 x 227``.
+    """
+    step = max(1, step)
+    odd = (H + step // 2 + 1) | 1, (W + step // 2 + 1) | 1
+    wide = H + step + 2, W + 2 * step + 6
+    small = max(low, H - step // 2 - 1), W + 3
+    return [odd, wide, small]
+
+
 def _check_shapes(model: nn.Module, shape: torch.Size, dynamic: bool | str, dynamic_spatial: bool
                   ) -> list[tuple]:
     """Input shapes the exported file is run at: the export shape; with ``dynamic`` batches 1 and B + 1; with a
-    dynamic height and width a non-square larger size."""
+    dynamic height and width the three :func:`other_sizes` (batches 1, B and 1)."""
     B, C, H, W = shape
     shapes = [(B, C, H, W)]
     if dynamic:
         shapes += [(1, C, H, W), (B + 1, C, H, W)]
     if dynamic_spatial:
-        step = max(1, _spatial_step(model))
-        shapes.append((1, C, H + step, W + 2 * step))
+        step = _spatial_step(model)
+        for b, (h, w) in zip((1, B, 1), other_sizes(H, W, step, max(2, step))):
+            shapes.append((b, C, h, w))
     return shapes
 
 

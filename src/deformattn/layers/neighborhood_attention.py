@@ -33,6 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from .._shapes import ceil_div, is_symbolic, sym_max
 from .._utils import check_float, check_image_tensor, check_int
 from ..backends.dispatch import Problem, check_backend_name, register_backend, select_backend
 
@@ -106,8 +107,9 @@ def na2d_av(attn: Tensor, v: Tensor, kernel_size: int) -> Tensor:
 
 
 def _tile_size(length: int, kernel_size: int) -> int:
-    """Queries per tile along an axis: one tile for short axes, else ``max(k, 7)`` (fastest measured, 1 thread)."""
-    if length <= 2 * max(kernel_size, 7):
+    """Queries per tile along an axis: one tile for short axes, else ``max(k, 7)`` (fastest measured, 1 thread).
+    A symbolic length (a traced dynamic size) always gets ``max(k, 7)``: the tiling must not branch on it."""
+    if not is_symbolic(length) and length <= 2 * max(kernel_size, 7):
         return length
     return max(kernel_size, 7)
 
@@ -115,9 +117,12 @@ def _tile_size(length: int, kernel_size: int) -> int:
 def neighborhood_tiles(length: int, kernel_size: int, tile: int | None = None, device=None):
     """The fast backend's tiling of one axis of length ``L >= k``.
 
-    Tiles of ``T`` queries start at ``min(t * T, L - T)`` (the last one overlaps its neighbour instead of running
-    off the map); the keys of tile ``t`` are the ``R = min(T + k - 1, L)`` positions from
-    ``min(start(first query), L - R)``, which hold every neighbourhood of its queries.
+    Tiles of ``T`` queries start at ``min(t * T, Lp - T)`` (the last one overlaps its neighbour instead of running
+    off the map); the keys of tile ``t`` are the ``R`` positions from ``min(start(first query), Lp - R)``, which
+    hold every neighbourhood of its queries. For a plain-int ``L``: ``T <= L``, ``R = min(T + k - 1, L)`` and
+    ``Lp = L``. For a symbolic ``L`` (a traced dynamic size) ``T`` and ``R = T + k - 1`` are fixed and the axis is
+    padded to ``Lp = max(L, R)``: the extra positions are never in a neighbourhood (masked keys) and their queries
+    are dropped by ``out``.
 
     Returns:
         query (Tensor[nt, T]): query positions of every tile.
@@ -127,13 +132,19 @@ def neighborhood_tiles(length: int, kernel_size: int, tile: int | None = None, d
             not valid, so it can always be gathered).
         out (Tensor[L]): where query ``i``'s result is in the flattened ``nt * T`` tile outputs.
     """
-    T = min(tile or _tile_size(length, kernel_size), length)
-    R = min(T + kernel_size - 1, length)
-    nt = -(-length // T)
-    first = (torch.arange(nt, device=device) * T).clamp(max=length - T)  # nt
-    start = (torch.arange(length, device=device) - kernel_size // 2).clamp(0, length - kernel_size)  # L
+    T = tile or _tile_size(length, kernel_size)
+    if is_symbolic(length):
+        R = T + kernel_size - 1
+        padded = sym_max(length, R)
+    else:
+        T = min(T, length)
+        R = min(T + kernel_size - 1, length)
+        padded = length
+    nt = ceil_div(length, T)
+    first = (torch.arange(nt, device=device) * T).clamp(max=padded - T)  # nt
+    start = (torch.arange(padded, device=device) - kernel_size // 2).clamp(0, length - kernel_size)  # Lp
     query = first[:, None] + torch.arange(T, device=device)  # nt, T
-    key = start[first].clamp(max=length - R)[:, None] + torch.arange(R, device=device)  # nt, R
+    key = start[first].clamp(max=padded - R)[:, None] + torch.arange(R, device=device)  # nt, R
     lo = start[query][:, :, None]  # nt, T, 1
     valid = (key[:, None, :] >= lo) & (key[:, None, :] < lo + kernel_size)  # nt, T, R
     rel = (key[:, None, :] - query[:, :, None] + kernel_size - 1).clamp(0, 2 * kernel_size - 2)  # nt, T, R
@@ -189,6 +200,9 @@ def neighborhood_attention_tiled(
     B, nH, H, W, hd = q.shape
     rows = neighborhood_tiles(H, kernel_size, tile, q.device)
     cols = neighborhood_tiles(W, kernel_size, tile, q.device)
+    if is_symbolic(H, W):  # the tiling of a traced dynamic size may reach past the map: pad to its extent
+        pad = (0, 0, 0, sym_max(W, cols[1].shape[1]) - W, 0, sym_max(H, rows[1].shape[1]) - H)
+        q, k, v = F.pad(q, pad), F.pad(k, pad), F.pad(v, pad)
     qt = _tiles(q, rows[0], cols[0])  # B, nH, nt, T*T, hd
     kt = _tiles(k, rows[1], cols[1])  # B, nH, nt, R*R, hd
     vt = _tiles(v, rows[1], cols[1])  # B, nH, nt, R*R, hd
@@ -328,8 +342,8 @@ class NeighborhoodAttention2d(nn.Module):
     def pad(self, x: Tensor) -> Tensor:
         """Zero-pad a channels-last ``Tensor[B, H, W, C]`` at the bottom/right up to ``k x k`` if smaller."""
         H, W = x.shape[1:3]
-        pad_b, pad_r = max(0, self.kernel_size - H), max(0, self.kernel_size - W)
-        if pad_b or pad_r:
+        pad_b, pad_r = sym_max(0, self.kernel_size - H), sym_max(0, self.kernel_size - W)
+        if is_symbolic(H, W) or pad_b or pad_r:
             x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
         return x
 

@@ -16,13 +16,13 @@ checkpoint's copies are accepted (official checkpoints carry them) but never ove
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from .._shapes import ceil_div, is_symbolic
 from .._utils import check_float, check_image_tensor, check_int, to_2tuple
 
 __all__ = ["WindowAttention", "relative_position_index", "window_attention_mask"]
@@ -58,28 +58,29 @@ def window_attention_mask(
     different pre-roll region (shifted windows, the official mask) and/or it is a padded token; ``0`` otherwise.
     Coordinates are those of the (rolled) padded map the windows are cut from.
 
+    ``H`` and ``W`` may be symbolic (``torch.export`` with a dynamic size): the mask is then always built (it may be
+    all zeros), from size arithmetic only.
+
     Returns:
-        Tensor[nW, ws*ws, ws*ws], or None when nothing is masked (no shift, no padding).
+        Tensor[nW, ws*ws, ws*ws], or None when nothing is masked (no shift, no padding; plain ints only).
     """
     ws, s = window_size, shift_size
-    Hp, Wp = math.ceil(H / ws) * ws, math.ceil(W / ws) * ws
-    if s == 0 and Hp == H and Wp == W:
+    Hp, Wp = ceil_div(H, ws) * ws, ceil_div(W, ws) * ws
+    symbolic = is_symbolic(H, W)
+    if s == 0 and not symbolic and Hp == H and Wp == W:
         return None
     N = ws * ws
+    rows, cols = torch.arange(Hp, device=device), torch.arange(Wp, device=device)
     mask = torch.zeros((Hp // ws) * (Wp // ws), N, N, device=device, dtype=dtype)
     if s > 0:
-        label = torch.zeros(Hp, Wp, device=device)
-        cnt = 0
-        slices = (slice(0, -ws), slice(-ws, -s), slice(-s, None))
-        for hs in slices:
-            for wsl in slices:
-                label[hs, wsl] = cnt
-                cnt += 1
+        # the official slices (0, -ws), (-ws, -s), (-s, None) of each axis are regions 0, 1, 2; label 3 * row + col
+        region_r = (rows >= Hp - ws).long() + (rows >= Hp - s).long()  # Hp
+        region_c = (cols >= Wp - ws).long() + (cols >= Wp - s).long()  # Wp
+        label = region_r[:, None] * 3 + region_c[None, :]  # Hp, Wp
         lw = _partition(label, ws)  # nW, N
         mask = torch.where(lw[:, None, :] != lw[:, :, None], _MASK_VALUE, 0.0).to(dtype)  # nW, N, N
-    if Hp != H or Wp != W:
-        valid = torch.zeros(Hp, Wp, device=device, dtype=torch.bool)
-        valid[:H, :W] = True
+    if symbolic or Hp != H or Wp != W:
+        valid = (rows < H)[:, None] & (cols < W)[None, :]  # Hp, Wp
         if s > 0:
             valid = torch.roll(valid, shifts=(-s, -s), dims=(0, 1))
         key_pad = torch.where(_partition(valid, ws), 0.0, _MASK_VALUE).to(dtype)  # nW, N
@@ -164,6 +165,8 @@ class WindowAttention(nn.Module):
                                       error_msgs)
 
     def _mask(self, H: int, W: int, x: Tensor) -> Tensor | None:
+        if is_symbolic(H, W):  # a traced dynamic size: build the general mask in the graph, no size-keyed cache
+            return window_attention_mask(H, W, self.window_size, self.shift_size, device=x.device, dtype=x.dtype)
         if self.shift_size > 0 and (H, W) == self.fmap_size:
             return self.attn_mask.to(x.dtype)
         key = (H, W, x.device, x.dtype)
@@ -186,8 +189,8 @@ class WindowAttention(nn.Module):
         B, C, H, W = x.shape
         ws, s, nH, hd = self.window_size, self.shift_size, self.num_heads, self.head_dim
         mask = self._mask(H, W, x)
-        Hp, Wp = math.ceil(H / ws) * ws, math.ceil(W / ws) * ws
-        if Hp != H or Wp != W:
+        Hp, Wp = ceil_div(H, ws) * ws, ceil_div(W, ws) * ws
+        if is_symbolic(H, W) or Hp != H or Wp != W:
             x = F.pad(x, (0, Wp - W, 0, Hp - H))
         if s:
             x = torch.roll(x, shifts=(-s, -s), dims=(2, 3))

@@ -1,0 +1,128 @@
+"""Shape-polymorphic size code (issue 14): the branch-free forms equal what they replaced, and the general branches
+that a traced dynamic size takes (``deformattn._shapes.is_symbolic``) compute what eager mode computes.
+
+The symbolic branches are run on the CPU through ``torch.compile(dynamic=True, backend="eager")``: Dynamo traces
+the sizes as ``SymInt`` s (the same branches ``torch.export`` takes) and then runs the captured graph on real
+tensors, so their values are compared with eager mode's at odd and non-square sizes.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from deformattn import DeformableAttention2d
+from deformattn import functional as DF
+from deformattn._shapes import ceil_div, is_symbolic, sym_max, sym_min
+from deformattn.layers import NeighborhoodAttention2d, WindowAttention
+from deformattn.layers.neighborhood_attention import neighborhood_tiles
+from deformattn.layers.window_attention import window_attention_mask
+
+
+def test_shape_helpers_on_ints():
+    assert not is_symbolic(3, 4.0) and sym_max(3, 5) == 5 and sym_min(3, 5) == 3
+    assert [ceil_div(a, 4) for a in range(0, 10)] == [0, 1, 1, 1, 1, 2, 2, 2, 2, 3]
+
+
+def _official_mask(H: int, W: int, ws: int, s: int) -> torch.Tensor | None:
+    """The mask written the official way (label slices), plus key padding: what the arithmetic form replaced."""
+    Hp, Wp = -(-H // ws) * ws, -(-W // ws) * ws
+    if s == 0 and (Hp, Wp) == (H, W):
+        return None
+    N = ws * ws
+
+    def part(t):
+        return t.reshape(Hp // ws, ws, Wp // ws, ws).transpose(1, 2).reshape(-1, N)
+
+    mask = torch.zeros((Hp // ws) * (Wp // ws), N, N)
+    if s:
+        label = torch.zeros(Hp, Wp)
+        cnt = 0
+        for hs in (slice(0, -ws), slice(-ws, -s), slice(-s, None)):
+            for wsl in (slice(0, -ws), slice(-ws, -s), slice(-s, None)):
+                label[hs, wsl] = cnt
+                cnt += 1
+        lw = part(label)
+        mask = torch.where(lw[:, None, :] != lw[:, :, None], -100.0, 0.0)
+    if (Hp, Wp) != (H, W):
+        valid = torch.zeros(Hp, Wp, dtype=torch.bool)
+        valid[:H, :W] = True
+        if s:
+            valid = torch.roll(valid, shifts=(-s, -s), dims=(0, 1))
+        mask = mask + torch.where(part(valid), 0.0, -100.0)[:, None, :]
+    return mask
+
+
+@pytest.mark.parametrize("ws", [2, 3, 4, 7])
+def test_window_mask_arithmetic_equals_the_official_slices(ws):
+    for s in range(ws):
+        for H in (1, ws - 1, ws, ws + 1, 2 * ws + 3):
+            for W in (1, ws, 3 * ws - 1):
+                if H < 1 or W < 1:
+                    continue
+                want, got = _official_mask(H, W, ws, s), window_attention_mask(H, W, ws, s)
+                assert (want is None) == (got is None), (H, W, ws, s)
+                if want is not None:
+                    assert torch.equal(got, want), (H, W, ws, s)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_reference_grid_arange_is_the_official_linspace(dtype):
+    """``arange + 0.5`` is ``linspace(0.5, n - 0.5, n)`` bit for bit, so the float64 fixtures still agree to the ulp;
+    length-1 grids keep their documented values (+inf clamped later, or the centre)."""
+    for n in range(2, 300):
+        lin = torch.linspace(0.5, n - 0.5, n, dtype=dtype)
+        want_pp = lin.div(n - 1.0).mul(2.0).sub(1.0)
+        want_v1 = lin.div(float(n)).mul(2.0).sub(1.0)
+        got_pp = DF.reference_points(n, 1, version="pp", dtype=dtype)[:, 0, 0]
+        got_v1 = DF.reference_points(n, 1, version="v1", dtype=dtype)[:, 0, 0]
+        assert torch.equal(got_pp, want_pp) and torch.equal(got_v1, want_v1), n
+        q = DF.query_grid(n, 1, version="pp", dtype=dtype)[:, 0, 0]
+        assert torch.equal(q, torch.arange(0, n, dtype=dtype).div(n - 1.0).mul(2.0).sub(1.0)), n
+    assert DF.reference_points(1, 1, version="pp", offset_range_factor=-1)[0, 0, 0] == float("inf")
+    assert DF.reference_points(1, 1, version="pp", offset_range_factor=2)[0, 0, 0] == 0.0
+    assert DF.query_grid(1, 1, version="pp")[0, 0, 0] == 0.0
+
+
+def test_neighborhood_tiles_cover_every_neighbourhood():
+    """Every query's k keys lie in its tile's key region (plain-int tiling, every length up to 40)."""
+    for k in (3, 5, 7):
+        for L in range(k, 41):
+            query, key, valid, rel, out = neighborhood_tiles(L, k)
+            assert torch.equal(valid.sum(-1), torch.full(valid.shape[:2], k))
+            flat = query.reshape(-1)
+            assert torch.equal(flat[out], torch.arange(L))
+
+
+def _compiled_matches_eager(module: torch.nn.Module, shapes) -> None:
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    compiled = torch.compile(module, dynamic=True, backend="eager", fullgraph=True)
+    gen = torch.Generator().manual_seed(0)
+    for shape in shapes:
+        x = torch.randn(*shape, generator=gen)
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x), module(x), atol=1e-5, rtol=1e-5)
+
+
+def test_symbolic_branches_window_attention():
+    torch.manual_seed(0)
+    m = WindowAttention(16, 2, 4, shift_size=2, fmap_size=8).eval()
+    _compiled_matches_eager(m, [(2, 16, 9, 13), (1, 16, 15, 8), (3, 16, 8, 8), (1, 16, 3, 21)])
+
+
+@pytest.mark.parametrize("kernel_size", [3, 7])
+def test_symbolic_branches_neighborhood_attention(kernel_size):
+    """The padded tiling of a symbolic size (tiles of max(k, 7), the axis padded to the key region) gives eager
+    mode's output, on maps shorter than the kernel, than a key region, and longer than two tiles."""
+    torch.manual_seed(0)
+    m = NeighborhoodAttention2d(16, kernel_size, 2, backend="fast").eval()
+    _compiled_matches_eager(m, [(2, 16, 9, 13), (1, 16, 17, 30), (1, 16, 2, 11), (2, 16, 31, 5)])
+
+
+@pytest.mark.parametrize("version", ["pp", "v1"])
+def test_symbolic_branches_deformable_attention(version):
+    torch.manual_seed(0)
+    m = DeformableAttention2d(16, 4, offset_groups=2, stride=2, q_size=12, pos_bias="table", version=version,
+                              offset_range_factor=2.0 if version == "v1" else -1.0, sampler="gather").eval()
+    _compiled_matches_eager(m, [(2, 16, 9, 13), (1, 16, 17, 6), (1, 16, 2, 3)])
