@@ -49,7 +49,7 @@ from ..layers import (
 )
 from ..layers.stem import conv_output_size
 from ._helpers import check_state_dict, clean_key, describe_report, unwrap_state_dict
-from .registry import register_model
+from ._entrypoints import register_model
 
 __all__ = [
     "DAT",
@@ -730,7 +730,7 @@ def _create_dat(variant: str, pretrained: bool = False, **kwargs: Any) -> DAT:
     checkpoint_path=...)`` with a downloaded official checkpoint).
     """
     if pretrained:
-        from .registry import pretrained_unavailable
+        from ._entrypoints import pretrained_unavailable
 
         raise pretrained_unavailable(variant)
     config = dict(MODEL_CONFIGS[variant])
