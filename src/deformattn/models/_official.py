@@ -15,6 +15,7 @@ import torch
 
 from .._utils import to_2tuple
 from ..attention import DeformableAttention2d
+from ..functional import VERSIONS
 from ..layers import NeighborhoodAttention2d
 from ._helpers import load_checkpoint, unwrap_state_dict
 from .dat import BLOCK_KINDS, DAT, NUM_STAGES
@@ -37,7 +38,7 @@ def native_kwargs_from_official(config: Mapping[str, Any], version: str) -> dict
     ``fixed_pe`` -> ``"fixed"``, ``log_cpb`` (DAT++) -> ``"log_cpb"``, otherwise ``"table"``. DAT++ builds no bias
     at all when ``no_off`` (so ``no_off`` with ``dwc_pe``, which crashes there, runs here without a bias).
     """
-    if version not in ("pp", "v1"):
+    if version not in VERSIONS:
         raise ValueError(f"native_kwargs_from_official: version must be 'pp' or 'v1', got {version!r}")
     missing = [k for k in ("q_size", "n_heads", "n_head_channels", "n_groups", "stride") if k not in config]
     if missing:
@@ -134,7 +135,7 @@ def dat_kwargs_from_official(config: Mapping[str, Any], version: str) -> dict[st
         config: official constructor kwargs (as in the ``backbone_*`` fixtures and the manifests).
         version: ``"pp"`` (DAT++) or ``"v1"`` (DAT).
     """
-    if version not in ("pp", "v1"):
+    if version not in VERSIONS:
         raise ValueError(f"{_OWNER}: version must be 'pp' or 'v1', got {version!r}")
     if not isinstance(config, Mapping):
         raise TypeError(f"{_OWNER}: config must be a dict of the official DAT kwargs, got {type(config).__name__}")
