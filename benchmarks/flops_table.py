@@ -4,9 +4,9 @@
     python benchmarks/flops_table.py --models dat_nano --json /tmp/f.json
 
 For each variant at 224x224 (and at 384x384 for the ``*_384`` variants) it counts parameters and multiply-adds with
-:func:`deformattn.viz.model_cost` (``torch.utils.flop_counter.FlopCounterMode``, MACs = FLOPs / 2; it counts matrix
+:func:`deformattn.analysis.model_cost` (``torch.utils.flop_counter.FlopCounterMode``, MACs = FLOPs / 2; it counts matrix
 products, convolutions and SDPA, not ``grid_sample``, softmax, norms or activations - see
-:mod:`deformattn.viz.flops`), the deformable layers' and their offset networks' share, and puts the published
+:mod:`deformattn.analysis.flops`), the deformable layers' and their offset networks' share, and puts the published
 params / GMACs beside them (``default_cfgs``: the DAT paper and the DAT++ README) and, where the official-code
 manifests are found (``$DEFORMATTN_FIXTURES`` or ``../shared/fixtures/official_dat``), the official code's exact
 parameter count.
@@ -56,7 +56,7 @@ def official_params(name: str) -> int | None:
 
 def measure(name: str) -> dict[str, Any]:
     from deformattn.models import create_model, default_cfgs
-    from deformattn.viz import model_cost
+    from deformattn.analysis import model_cost
 
     cfg = default_cfgs.get(name, {})
     size = int(cfg.get("input_size", (3, 224, 224))[-1])

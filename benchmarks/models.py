@@ -27,14 +27,14 @@ What is measured, per model (float32, CPU, ``--threads`` threads, batch ``--batc
   the remainder (stem, down-sampling, residual adds, head, loss, autograd bookkeeping). From that split the
   Amdahl bound follows: the end-to-end speed-up if the fast paths made the two-path layers (``D`` and ``N``)
   *free* is ``reference total / (reference total - reference D and N time)``.
-* **FLOPs**: :func:`deformattn.viz.flops.count_flops` (``torch.utils.flop_counter.FlopCounterMode``: 2 FLOPs per
-  multiply-add, matrix products / convolutions / SDPA only, see :mod:`deformattn.viz.flops`) of one image, on both
+* **FLOPs**: :func:`deformattn.analysis.flops.count_flops` (``torch.utils.flop_counter.FlopCounterMode``: 2 FLOPs per
+  multiply-add, matrix products / convolutions / SDPA only, see :mod:`deformattn.analysis.flops`) of one image, on both
   paths; training FLOPs are counted over forward + backward of one image (AdamW's element-wise work is not
   counted). The papers quote multiply-adds (GMACs = these FLOPs / 2). Achieved rate = FLOPs/image x images/s,
   reported as a fraction of the machine's float32 matmul rate (the faster of 1024² and 2048² ``torch.mm``)
   measured in the same run, before and after the model workers (the mean of the two is the reference; both are
   printed, since a shared machine drifts). A convolution's backward counts twice its forward (torch's own formula
-  overcounts depthwise convolutions by their channel count; see :mod:`deformattn.viz.flops`).
+  overcounts depthwise convolutions by their channel count; see :mod:`deformattn.analysis.flops`).
 * **torch.compile** (``--compile``): the fast path in inference, ``inductor`` compiled per region (every token
   mixer and feed-forward module is compiled on its own, ``module.compile()``, so repeated blocks of one stage share
   one compiled graph; ``--compile inductor-full`` compiles the whole model as one ``torch.compile``), against the
@@ -103,7 +103,7 @@ def _import_model_code():
     import deformattn
     from deformattn import DeformableAttention2d
     from deformattn.layers import ConvFFN, LocalPerceptionUnit, Mlp, NeighborhoodAttention2d, WindowAttention
-    from deformattn.attention import LayerNormProxy
+    from deformattn.layers import LayerNormProxy
 
     def kind_of(module) -> str | None:
         if isinstance(module, DeformableAttention2d):
@@ -228,7 +228,7 @@ def _median_kinds(per_call: list[dict[str, float]], totals_ms: list[float]) -> d
 
 def count_model_flops(torch, model, x, *, train: bool) -> int:
     """FlopCounterMode FLOPs of one forward (``train=False``, no grad) or forward + backward (``train=True``)."""
-    from deformattn.viz.flops import count_flops, flop_counter, model_counting
+    from deformattn.analysis.flops import count_flops, flop_counter, model_counting
 
     if not train:
         return count_flops(model, x)[""]

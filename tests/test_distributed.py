@@ -1,5 +1,5 @@
 """Two processes under torchrun (gloo, CPU): both ranks end with identical weights, the loss goes down, metrics are
-reduced over ranks and only rank 0 writes."""
+reduced over ranks and only rank 0 writes. Slow (DEFORMATTN_SLOW=1)."""
 from __future__ import annotations
 
 import json
@@ -14,6 +14,7 @@ import torch.distributed as dist
 pytest.importorskip("sklearn")
 
 
+@pytest.mark.slow  # two torchrun processes training for three epochs
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed + gloo")
 def test_torchrun_two_processes_on_cpu(tmp_path):
     out = tmp_path / "ddp"

@@ -13,9 +13,8 @@ import torch
 
 from deformattn import DeformableAttention2d
 from deformattn.models import create_model
-from deformattn.viz import complexity as C
-from deformattn.viz import count_flops, dmha_macs, format_cost_report, model_cost
-from deformattn.viz.flops import flop_counter
+from deformattn.analysis import complexity as C
+from deformattn.analysis import count_flops, dmha_macs, flop_counter, format_cost_report, model_cost
 
 REPO = Path(__file__).resolve().parents[1]
 HAS_MPL = importlib.util.find_spec("matplotlib") is not None

@@ -7,6 +7,7 @@ The property-based fuzzing of ``DeformableAttention2d`` over its configuration s
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -36,18 +37,19 @@ def _one_thread(one_thread_module):
 
 
 @pytest.fixture
-def use_path(monkeypatch):
-    """``use_path(m, path)`` sets the module's backend and, for the fast path, the block / save thresholds."""
+def use_path():
+    """``use_path(m, path)`` sets the module's backend and, for the fast path, the block / save thresholds (through
+    ``fast.tuning``, undone when the test ends)."""
+    with contextlib.ExitStack() as stack:
 
-    def apply(m: DeformableAttention2d, path: str) -> DeformableAttention2d:
-        backend, _, mode = path.partition("-")
-        m.backend = backend
-        block, save = MODES[mode or "keep"]
-        monkeypatch.setattr(fast, "_BLOCK_ELEMS", block)
-        monkeypatch.setattr(fast, "_SAVE_ELEMS", save)
-        return m
+        def apply(m: DeformableAttention2d, path: str) -> DeformableAttention2d:
+            backend, _, mode = path.partition("-")
+            m.backend = backend
+            block, save = MODES[mode or "keep"]
+            stack.enter_context(fast.tuning(block_elems=block, save_elems=save))
+            return m
 
-    return apply
+        yield apply
 
 
 def make(kind="table", version="pp", orf=-1.0, *, dim=16, heads=4, groups=2, stride=2, q=8, dtype=torch.float64,
@@ -112,7 +114,7 @@ def test_extreme_scales_finite_and_fast_equals_reference(kind, version, scale, p
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 @pytest.mark.parametrize("shift", [1e4, -1e4])
 @pytest.mark.parametrize("path", PATHS)
-def test_softmax_is_computed_stably(path, shift, dtype, monkeypatch):
+def test_softmax_is_computed_stably(path, shift, dtype):
     """Adding the same constant to every logit of a query changes nothing (softmax is shift invariant) - also when
     the constant alone overflows exp (e^1e4) or underflows it to 0 (0/0), on the reference einsum path and on every
     fast path (SDPA, the kept matrix, the recomputing backward that reuses the saved log-sum-exp)."""
@@ -123,10 +125,10 @@ def test_softmax_is_computed_stably(path, shift, dtype, monkeypatch):
     # float32: e^200 overflows and e^-200 underflows to 0 as well, and 200 keeps the logits' precision
     c = shift if dtype == torch.float64 else shift / 50
     backend, _, mode = path.partition("-")
+    stack = contextlib.ExitStack()
     if backend == "fast":
         block, save = MODES[mode]
-        monkeypatch.setattr(fast, "_BLOCK_ELEMS", block)
-        monkeypatch.setattr(fast, "_SAVE_ELEMS", save)
+        stack.enter_context(fast.tuning(block_elems=block, save_elems=save))
 
     def attention(shift_by, with_grad):
         qq, kk, vv, bb = (t.clone().requires_grad_(with_grad) for t in (q, k, v, bias))
@@ -145,13 +147,14 @@ def test_softmax_is_computed_stably(path, shift, dtype, monkeypatch):
         return out.detach(), [qq.grad, kk.grad, vv.grad, bb.grad]
 
     tol = dict(rtol=1e-8, atol=1e-8) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
-    for with_grad in (False, True):
-        base, base_grads = attention(0.0, with_grad)
-        out, grads = attention(c, with_grad)
-        assert all_finite(out, *grads)
-        torch.testing.assert_close(out, base, **tol)
-        for a, b in zip(grads, base_grads):
-            torch.testing.assert_close(a, b, **tol)
+    with stack:
+        for with_grad in (False, True):
+            base, base_grads = attention(0.0, with_grad)
+            out, grads = attention(c, with_grad)
+            assert all_finite(out, *grads)
+            torch.testing.assert_close(out, base, **tol)
+            for a, b in zip(grads, base_grads):
+                torch.testing.assert_close(a, b, **tol)
 
 
 def _push_every_sample_out(m: DeformableAttention2d) -> None:

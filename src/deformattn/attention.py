@@ -15,21 +15,11 @@ from . import functional as DF
 from ._shapes import is_symbolic, sym_max
 from ._utils import check_float, check_image_tensor, check_int, to_2tuple
 from .backends import DEFORMABLE_OP, Problem, check_backend_name, select_backend
+from .layers.norm import LayerNormProxy
 
-__all__ = ["DeformableAttention2d", "LayerNormProxy", "default_offset_kernel_size"]
+__all__ = ["DeformableAttention2d", "default_offset_kernel_size"]
 
 _OWNER = "DeformableAttention2d"
-
-
-class LayerNormProxy(nn.Module):
-    """LayerNorm over the channels of a ``Tensor[B, C, H, W]`` (official name and state_dict layout: ``.norm``)."""
-
-    def __init__(self, dim: int, eps: float = 1e-5):
-        super().__init__()
-        self.norm = nn.LayerNorm(dim, eps=eps)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
 def _conv1x1(conv: nn.Conv2d, x: Tensor) -> Tensor:

@@ -329,6 +329,7 @@ def _checkpoint_info(path: str) -> dict[str, Any]:
     import torch
 
     from .models import default_cfgs, list_models, model_entrypoint
+    from .layers.window_attention import DERIVED_BUFFERS
     from .models._helpers import clean_key, safe_load, unwrap_state_dict
     from .train.checkpoint import FORMAT, load_checkpoint_file
 
@@ -341,7 +342,7 @@ def _checkpoint_info(path: str) -> dict[str, Any]:
         last = ckpt.get("history", [])[-1:] or [{}]
         return {"checkpoint": path, "format": ckpt["format"], "model": ckpt["model_name"],
                 "model_kwargs": ckpt["model_kwargs"], "epoch": ckpt["epoch"],
-                "params": sum(t.numel() for k, t in ckpt["model"].items() if not k.endswith(("_index", "attn_mask"))),
+                "params": sum(t.numel() for k, t in ckpt["model"].items() if not k.endswith(DERIVED_BUFFERS)),
                 "class_names": ckpt["class_names"], "resumable": all(ckpt.get(k) is not None for k in
                                                                     ("optimizer", "scheduler", "rng")),
                 "has_ema": ckpt.get("model_ema") is not None, "last_epoch_metrics": last[0], "config": ckpt["config"]}
@@ -350,16 +351,15 @@ def _checkpoint_info(path: str) -> dict[str, Any]:
     if not tensors:
         raise ValueError(f"--checkpoint: {path!r} holds no tensors: not a model checkpoint")
     head = tensors.get("cls_head.weight")
-    derived = ("relative_position_index", "attn_mask")
-    params = sum(t.numel() for k, t in tensors.items() if not k.endswith(derived))
+    params = sum(t.numel() for k, t in tensors.items() if not k.endswith(DERIVED_BUFFERS))
     fits = []
     for name in list_models():
         published = default_cfgs[name].get("params_m")  # rounded: only rules out variants of another size
         if published is not None and abs(params / 1e6 - published) > 0.1 * published:
             continue
         own = model_entrypoint(name)(num_classes=int(head.shape[0]) if head is not None else 0).state_dict()
-        keys = {k for k in own if not k.endswith(derived)}
-        if keys == {k for k in tensors if not k.endswith(derived)} and all(
+        keys = {k for k in own if not k.endswith(DERIVED_BUFFERS)}
+        if keys == {k for k in tensors if not k.endswith(DERIVED_BUFFERS)} and all(
                 tensors[k].shape == own[k].shape or k.endswith("_table") for k in keys):  # tables are resized
             fits.append(name)
     return {"checkpoint": path,

@@ -21,7 +21,6 @@ What it changes (and why):
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import Callable, Iterator, Sequence
 
 import torch
@@ -31,14 +30,14 @@ from torch import Tensor
 from .. import functional as DF
 
 # Elements of one bias/attention block (B * nH * rows * W * Ns): 1M floats = 4 MB in float32, which bounds the
-# memory of a block's intermediates (and of the backward pass). Measured forward, 1 thread, fewer/larger blocks:
-# 2^19 -> 2^20 elements: v1_stage3 135 -> 122 ms, pp_stage1 60 -> 58, det_stage1 686 -> 611; 2^21 is faster still
-# on the large maps (det 531) but slower on pp_stage1 (71 ms: the window gather's intermediates leave the cache).
-_BLOCK_ELEMS = int(os.environ.get("DEFORMATTN_BLOCK_ELEMS", 1 << 20))
+# memory of a block's intermediates (and of the backward pass). Larger blocks mean fewer kernel launches until the
+# window gather's intermediates leave the cache; benchmarks/attention.py measures the choice (RESULTS.md).
+# Change these with tuning(), not by assignment.
+_BLOCK_ELEMS = 1 << 20
 # ... but in inference at least this many rows per block while that stays within 4x the budget (see _row_blocks).
-_MIN_ROWS = int(os.environ.get("DEFORMATTN_MIN_ROWS", 8))
+_MIN_ROWS = 8
 # Below this many attention elements autograd keeps the whole attention matrix (cheaper than recomputing it).
-_SAVE_ELEMS = int(os.environ.get("DEFORMATTN_SAVE_ELEMS", 1 << 23))
+_SAVE_ELEMS = 1 << 23
 
 # the private CPU flash-attention kernel that returns the log-sum-exp; off: the generic (CUDA / other devices) branch
 _CPU_FLASH = True
@@ -327,8 +326,8 @@ def _make_bias_fn(
 def _row_blocks(B: int, nH: int, H: int, W: int, Ns: int, inference: bool) -> list[tuple[int, int]]:
     """Blocks of query rows of about ``_BLOCK_ELEMS`` bias entries. In inference at least ``_MIN_ROWS`` rows while
     that stays within 4x the budget: the window gather reads ``rows + 1`` table rows per block and every block
-    costs a round of kernel launches (det_stage1, 4 -> 8 rows: forward 587 -> 530 ms). The backward's per-block
-    intermediates are several times a block, so training keeps the budget (det_stage1 peak 233 -> 184 MiB)."""
+    costs a round of kernel launches. The backward's per-block intermediates are several times a block, so training
+    keeps the budget (its peak memory grows with the block)."""
     per_row = max(1, B * nH * W * Ns)
     rows = max(1, min(H, _BLOCK_ELEMS // per_row))
     if inference:

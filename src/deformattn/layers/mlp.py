@@ -14,6 +14,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from .._utils import check_float, check_int
+from ..functional import VERSIONS
 
 __all__ = ["Mlp", "ConvFFN"]
 
@@ -64,7 +65,7 @@ class ConvFFN(nn.Module):
         super().__init__()
         hidden = _hidden_dim("ConvFFN", dim, mlp_ratio)
         drop = check_float(drop, "drop", "ConvFFN", minimum=0.0, maximum=1.0)
-        if version not in ("pp", "v1"):
+        if version not in VERSIONS:
             raise ValueError(f"ConvFFN: version must be 'pp' or 'v1', got {version!r}")
         self.version = version
         fc1, fc2 = nn.Conv2d(dim, hidden, 1), nn.Conv2d(hidden, dim, 1)

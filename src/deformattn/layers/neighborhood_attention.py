@@ -23,7 +23,7 @@ run the input, ``"fast"``; an unknown name is a ``ValueError``); neither needs a
   that holds the relative position bias where a key is in the query's neighbourhood and ``-inf`` elsewhere.
   It does ``(R / k)^2`` times the reference's multiply-adds (``T = k = 7``: 3.4x) but copies keys and values
   ``(R / T)^2`` times instead of ``k^2`` times, and matrix products beat the gathered einsum by far on CPU
-  (measured on 1 thread at DAT++-T's shapes: 3-5x forward, 6-9x forward+backward). Masked keys get exactly zero
+  (benchmarks/RESULTS.md has the measured ratios). Masked keys get exactly zero
   weight, so both backends compute the same sums (they differ by rounding only).
 """
 from __future__ import annotations

@@ -12,7 +12,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from .._utils import check_int
-from ..attention import LayerNormProxy
+from .norm import LayerNormProxy
 
 __all__ = ["PatchifyStem", "ConvStem", "Downsample", "LocalPerceptionUnit", "conv_output_size"]
 

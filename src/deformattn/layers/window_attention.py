@@ -25,7 +25,10 @@ from torch import Tensor
 from .._shapes import ceil_div, is_symbolic
 from .._utils import check_float, check_image_tensor, check_int, to_2tuple
 
-__all__ = ["WindowAttention", "relative_position_index", "window_attention_mask"]
+__all__ = ["DERIVED_BUFFERS", "WindowAttention", "relative_position_index", "window_attention_mask"]
+
+# buffers recomputed from the geometry: a checkpoint's copies (official names) are accepted, never loaded
+DERIVED_BUFFERS = ("relative_position_index", "attn_mask")
 
 _MASK_VALUE = -100.0  # the official shift mask value; also used for padded keys
 
@@ -152,12 +155,9 @@ class WindowAttention(nn.Module):
         return (f"dim={self.dim}, num_heads={self.num_heads}, window_size={self.window_size}, "
                 f"shift_size={self.shift_size}")
 
-    # derived buffers: accept a checkpoint's copies (official names) but keep the computed values
-    _DERIVED = ("relative_position_index", "attn_mask")
-
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        for name in self._DERIVED:
+        for name in DERIVED_BUFFERS:
             key = prefix + name
             if key in state_dict and getattr(self, name, None) is not None:
                 state_dict[key] = getattr(self, name)

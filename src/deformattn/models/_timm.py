@@ -14,7 +14,7 @@ from timm.models import PretrainedCfg, build_model_with_cfg, generate_default_cf
 
 from .dat import DAT, MODEL_CONFIGS, checkpoint_filter_fn
 from .dat import default_cfgs as _our_cfgs
-from .registry import pretrained_unavailable
+from ._entrypoints import pretrained_unavailable
 
 __all__ = ["register_all", "default_cfgs"]
 

@@ -34,12 +34,14 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from .._utils import check_float, check_image_tensor, check_int, to_2tuple
-from ..attention import DeformableAttention2d, LayerNormProxy
+from ..attention import DeformableAttention2d
+from ..functional import POS_BIAS_KINDS
 from ..layers import (
     ConvFFN,
     ConvStem,
     Downsample,
     DropPath,
+    LayerNormProxy,
     LayerScale,
     LocalPerceptionUnit,
     Mlp,
@@ -48,8 +50,9 @@ from ..layers import (
     WindowAttention,
 )
 from ..layers.stem import conv_output_size
+from ..layers.window_attention import DERIVED_BUFFERS as _DERIVED_BUFFERS
 from ._helpers import check_state_dict, clean_key, describe_report, unwrap_state_dict
-from .registry import register_model
+from ._entrypoints import register_model
 
 __all__ = [
     "DAT",
@@ -68,7 +71,6 @@ BLOCK_KINDS = {
     "D": "deformable attention",
     "N": "neighborhood attention",
 }
-POS_BIAS_KINDS = ("table", "fixed", "dwc", "log_cpb", "none")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -676,7 +678,6 @@ def _take_indices(num: int, indices: int | Sequence[int] | None) -> tuple[list[i
 # ---------------------------------------------------------------------------------------------------------------
 # checkpoint filter: official format -> ours (reading, checking, loading: models/_helpers.py)
 # ---------------------------------------------------------------------------------------------------------------
-_DERIVED_BUFFERS = ("relative_position_index", "attn_mask")  # recomputed from the geometry, never loaded
 
 
 def _resize_table(value: Tensor, shape: torch.Size, key: str) -> Tensor:
@@ -730,7 +731,7 @@ def _create_dat(variant: str, pretrained: bool = False, **kwargs: Any) -> DAT:
     checkpoint_path=...)`` with a downloaded official checkpoint).
     """
     if pretrained:
-        from .registry import pretrained_unavailable
+        from ._entrypoints import pretrained_unavailable
 
         raise pretrained_unavailable(variant)
     config = dict(MODEL_CONFIGS[variant])

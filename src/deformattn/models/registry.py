@@ -14,6 +14,13 @@ from typing import Any, Callable
 import torch.nn as nn
 
 from .._utils import InvalidArgumentError
+from . import dat  # noqa: F401  (importing registers the variants)
+from ._entrypoints import (  # noqa: F401  (re-exported)
+    PretrainedWeightsUnavailableError,
+    _model_entrypoints,
+    pretrained_unavailable,
+    register_model,
+)
 from ._helpers import clean_key, load_checkpoint, read_checkpoint
 
 __all__ = [
@@ -27,35 +34,19 @@ __all__ = [
     "PretrainedWeightsUnavailableError",
 ]
 
-_model_entrypoints: dict[str, Callable[..., nn.Module]] = {}
-
-
-def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-    """Register a model entrypoint ``fn(pretrained=False, **kwargs)`` under its ``__name__``."""
-    _model_entrypoints[fn.__name__] = fn
-    return fn
-
-
-def _ensure_registered() -> None:
-    from . import dat  # noqa: F401  (importing registers the variants)
-
-
 def list_models(filter: str = "") -> list[str]:
     """Sorted names of the registered variants, optionally filtered by a wildcard pattern (``"dat_pp_*"``)."""
-    _ensure_registered()
     names = sorted(_model_entrypoints)
     return [n for n in names if fnmatch.fnmatch(n, filter)] if filter else names
 
 
 def is_model(name: str) -> bool:
-    _ensure_registered()
     return name in _model_entrypoints
 
 
 def check_model_name(name: Any, argument: str = "model_name") -> str:
     """``name`` if it is a registered variant; else a ``TypeError`` / ``ValueError`` (an
     :class:`~deformattn._utils.InvalidArgumentError` naming ``argument``) with close matches and the list."""
-    _ensure_registered()
     if not isinstance(name, str):
         raise TypeError(f"{argument} must be a str, got {type(name).__name__}")
     if name not in _model_entrypoints:
@@ -69,22 +60,6 @@ def check_model_name(name: Any, argument: str = "model_name") -> str:
 def model_entrypoint(name: str) -> Callable[..., nn.Module]:
     """The builder of a registered variant; a ``ValueError`` with close matches otherwise."""
     return _model_entrypoints[check_model_name(name)]
-
-
-class PretrainedWeightsUnavailableError(RuntimeError, ValueError):
-    """``pretrained=True`` without a local checkpoint: the library never downloads weights.
-
-    A ``RuntimeError`` (what timm raises for missing weights) and a ``ValueError`` (a bad argument combination).
-    """
-
-
-def pretrained_unavailable(name: str) -> PretrainedWeightsUnavailableError:
-    return PretrainedWeightsUnavailableError(
-        f"create_model: pretrained=True for {name!r} needs checkpoint_path: deformattn never downloads weights. "
-        "Download the official checkpoint (links in https://github.com/LeapLabTHU/DAT) and pass "
-        f"create_model({name!r}, checkpoint_path='path/to/checkpoint.pth') (with timm: "
-        "pretrained_cfg_overlay=dict(file='path/to/checkpoint.pth'))."
-    )
 
 
 def create_model(
@@ -153,7 +128,6 @@ def timm_register() -> bool:
     """
     if importlib.util.find_spec("timm") is None:
         return False
-    _ensure_registered()
     from . import _timm
 
     _timm.register_all()

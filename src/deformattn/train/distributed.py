@@ -100,8 +100,8 @@ def choose_threads(requested: int, env: DistEnv, *, small_model: bool = False) -
     machine and reduced by the cores other programs keep busy (1-minute load average), at least 1.
 
     Why: OpenMP threads that wait for a core held by another program spin at every barrier. With the many small
-    operations of ``dat_nano`` on 32x32 digits (2-core machine), a second thread gained 1.3x on an idle machine but
-    ran 3-10x slower once another program used a core; one thread is barely affected.
+    operations of ``dat_nano`` on 32x32 digits (2-core machine), a second thread gains little on an idle machine but
+    loses several-fold once another program uses a core; one thread is barely affected.
     """
     if requested > 0:
         return requested

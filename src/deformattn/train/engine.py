@@ -20,6 +20,7 @@ import sys
 import time
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -270,11 +271,69 @@ def train(config: TrainConfig, *, explicit: set[str] | None = None) -> dict[str,
         cleanup_distributed(env)
 
 
-def _train(config: TrainConfig, explicit: set[str], env: DistEnv, session_start: float) -> dict[str, Any]:
-    from ..models import create_model
+@dataclass
+class _Run:
+    """Everything one training run holds between its steps (built by :func:`_setup`)."""
 
+    config: TrainConfig
+    env: DistEnv
+    out: Path
+    splits: Any
+    model: nn.Module
+    model_kwargs: dict[str, Any]
+    num_params: int
+    initial: dict[str, Any] | None
+    ema: ModelEma | None
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: Any
+    precision: str
+    criterion: nn.Module
+    batch_augment: Any
+    train_sampler: DistributedSampler
+    loader_gen: torch.Generator
+    train_loader: DataLoader
+    eval_loader: DataLoader
+    steps_per_epoch: int
+    ddp_model: nn.Module  # the model, or its DistributedDataParallel wrapper (set by _start)
+    resolved: dict[str, Any] = field(default_factory=dict)
+    start_epoch: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    elapsed_before: float = 0.0
+
+    @property
+    def spec(self) -> DataSpec:
+        return self.splits.spec
+
+    def checkpoint_dict(self, epoch: int, rng: list[Any], *, full: bool) -> dict[str, Any]:
+        ema = self.ema
+        d: dict[str, Any] = {
+            "model": self.model.state_dict(), "model_name": self.config.model, "model_kwargs": self.model_kwargs,
+            "class_names": self.splits.class_names, "config": self.resolved, "data": self.spec.to_dict(),
+            "epoch": epoch, "history": self.history, "model_ema": ema.module.state_dict() if ema is not None else None,
+            "ema_updates": ema.updates if ema is not None else 0, "initial_checkpoint": self.initial,
+        }
+        if full:
+            d.update(optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
+                     scaler=self.scaler.state_dict(), rng=rng)
+        return d
+
+
+def _train(config: TrainConfig, explicit: set[str], env: DistEnv, session_start: float) -> dict[str, Any]:
     config, ckpt, resume_path = _resolve_resume(config, explicit)
-    out = Path(config.output_dir)
+    run = _setup(config, env, ckpt, resume_path)
+    if ckpt is not None:
+        _restore(run, ckpt, resume_path)
+    _start(run, ckpt, resume_path)
+    best_acc = max((row["eval_acc"] for row in run.history), default=-1.0)
+    for epoch in range(run.start_epoch, config.epochs):
+        best_acc = _run_epoch(run, epoch, best_acc, session_start)
+    return _summary(run, session_start)
+
+
+def _setup(config: TrainConfig, env: DistEnv, ckpt: dict | None, resume_path: Path | None) -> _Run:
+    """Data, model (with its initial or resumed weights), optimizer, schedule, loaders: the same on every rank."""
+    from ..models import create_model
 
     # data, then the model built the same on every rank (DDP also broadcasts rank 0's weights)
     splits = build_splits(config)
@@ -297,14 +356,7 @@ def _train(config: TrainConfig, explicit: set[str], env: DistEnv, session_start:
         initial = load_initial_checkpoint(model, config.initial_checkpoint, ema=config.initial_checkpoint_ema)
     if ckpt is not None:
         initial = ckpt.get("initial_checkpoint")
-        try:
-            model.load_state_dict(ckpt["model"])
-        except RuntimeError as exc:
-            raise CheckpointError("resume", f"the weights in {str(resume_path)!r} do not fit {config.model} "
-                                  f"({str(exc).splitlines()[0]})") from None
-        if ckpt.get("class_names") != splits.class_names:
-            raise CheckpointError("resume", f"checkpoint {str(resume_path)!r} was trained on classes "
-                                  f"{ckpt.get('class_names')}, the data has {splits.class_names}")
+        _restore_weights(model, ckpt, resume_path, config.model, splits.class_names)
     model.to(env.device)
     num_params = sum(p.numel() for p in model.parameters())
     # per-rank randomness (stochastic depth, worker seeds) after the shared initialisation
@@ -346,156 +398,178 @@ def _train(config: TrainConfig, explicit: set[str], env: DistEnv, session_start:
     batch_augment = BatchAugment(mixup=config.mixup, cutmix=config.cutmix,
                                  reprob=config.reprob if spec.kind == "digits" else 0.0,  # ImageFolder: per image
                                  num_classes=len(splits.class_names))
+    return _Run(config=config, env=env, out=Path(config.output_dir), splits=splits, model=model,
+                model_kwargs=model_kwargs, num_params=num_params, initial=initial, ema=ema, optimizer=optimizer,
+                scheduler=scheduler, scaler=scaler, precision=precision, criterion=criterion,
+                batch_augment=batch_augment, train_sampler=train_sampler, loader_gen=loader_gen,
+                train_loader=train_loader, eval_loader=eval_loader, steps_per_epoch=steps_per_epoch, ddp_model=model)
 
-    start_epoch, history, elapsed_before = 0, [], 0.0
-    if ckpt is not None:
-        try:
-            optimizer.load_state_dict(ckpt["optimizer"])
-            scheduler.load_state_dict(ckpt["scheduler"])
-            if ckpt.get("scaler") and scaler.is_enabled():  # a run may resume in another --precision
-                scaler.load_state_dict(ckpt["scaler"])
-            if ema is not None:
-                if ckpt.get("model_ema") is None:
-                    raise CheckpointError("resume", "ema is on but the checkpoint has no EMA weights")
-                ema.module.load_state_dict(ckpt["model_ema"])
-                ema.updates = int(ckpt.get("ema_updates", 0))
-        except (RuntimeError, ValueError, KeyError) as exc:
-            if isinstance(exc, CheckpointError):
-                raise
-            raise CheckpointError("resume", f"cannot restore the training state from {str(resume_path)!r} "
-                                  f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
-        start_epoch = int(ckpt["epoch"])
-        history = list(ckpt.get("history", []))[:start_epoch]
-        elapsed_before = float(history[-1]["elapsed"]) if history else 0.0
-        rng = ckpt["rng"]
-        if env.rank < len(rng):
-            restore_rng_state(rng[env.rank])
-        elif env.is_main:
-            print(f"warning: the checkpoint has RNG states of {len(rng)} process(es), this run has "
-                  f"{env.world_size}: rank >= {len(rng)} start from fresh seeds", file=sys.stderr)
-        if start_epoch > 0 and scheduler.last_epoch != start_epoch * steps_per_epoch and env.is_main:
-            print(f"note: the checkpoint stopped at step {scheduler.last_epoch}, epoch {start_epoch} starts at step "
-                  f"{start_epoch * steps_per_epoch} with this data / batch size / world size", file=sys.stderr)
 
-    ddp_model: nn.Module = model
+def _restore_weights(model: nn.Module, ckpt: dict, resume_path: Path | None, model_name: str,
+                     class_names: list[str]) -> None:
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as exc:
+        raise CheckpointError("resume", f"the weights in {str(resume_path)!r} do not fit {model_name} "
+                              f"({str(exc).splitlines()[0]})") from None
+    if ckpt.get("class_names") != class_names:
+        raise CheckpointError("resume", f"checkpoint {str(resume_path)!r} was trained on classes "
+                              f"{ckpt.get('class_names')}, the data has {class_names}")
+
+
+def _restore(run: _Run, ckpt: dict, resume_path: Path | None) -> None:
+    """Optimizer, schedule, scaler, EMA, history and this rank's RNG from a resumed checkpoint."""
+    env = run.env
+    try:
+        run.optimizer.load_state_dict(ckpt["optimizer"])
+        run.scheduler.load_state_dict(ckpt["scheduler"])
+        if ckpt.get("scaler") and run.scaler.is_enabled():  # a run may resume in another --precision
+            run.scaler.load_state_dict(ckpt["scaler"])
+        if run.ema is not None:
+            if ckpt.get("model_ema") is None:
+                raise CheckpointError("resume", "ema is on but the checkpoint has no EMA weights")
+            run.ema.module.load_state_dict(ckpt["model_ema"])
+            run.ema.updates = int(ckpt.get("ema_updates", 0))
+    except (RuntimeError, ValueError, KeyError) as exc:
+        if isinstance(exc, CheckpointError):
+            raise
+        raise CheckpointError("resume", f"cannot restore the training state from {str(resume_path)!r} "
+                              f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+    run.start_epoch = start_epoch = int(ckpt["epoch"])
+    run.history = list(ckpt.get("history", []))[:start_epoch]
+    run.elapsed_before = float(run.history[-1]["elapsed"]) if run.history else 0.0
+    rng = ckpt["rng"]
+    if env.rank < len(rng):
+        restore_rng_state(rng[env.rank])
+    elif env.is_main:
+        print(f"warning: the checkpoint has RNG states of {len(rng)} process(es), this run has "
+              f"{env.world_size}: rank >= {len(rng)} start from fresh seeds", file=sys.stderr)
+    steps = run.steps_per_epoch
+    if start_epoch > 0 and run.scheduler.last_epoch != start_epoch * steps and env.is_main:
+        print(f"note: the checkpoint stopped at step {run.scheduler.last_epoch}, epoch {start_epoch} starts at step "
+              f"{start_epoch * steps} with this data / batch size / world size", file=sys.stderr)
+
+
+def _start(run: _Run, ckpt: dict | None, resume_path: Path | None) -> None:
+    """Wrap the model for DDP; rank 0 writes ``config.json`` and prints what the run is about to do."""
+    config, env, out, splits, spec = run.config, run.env, run.out, run.splits, run.spec
     if env.distributed:
         # depthwise kernels (C, 1, k, k) get gradients whose stride differs only on the size-1 dimension: the same
         # memory layout, but DDP warns on every process
         warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
-        ddp_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+        run.ddp_model = nn.parallel.DistributedDataParallel(
+            run.model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
 
-    resolved = config.to_dict()
+    run.resolved = config.to_dict()
+    if not env.is_main:
+        return
+    if ckpt is None and (out / "last.pt").exists():
+        print(f"note: starting afresh in {out}: its last.pt will be overwritten (--resume auto would continue it)",
+              file=sys.stderr)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "config.json", json.dumps(run.resolved, indent=1) + "\n")
+    where = "digits (scikit-learn)" if spec.kind == "digits" else str(config.data)
+    action = f"resuming after epoch {run.start_epoch} from {resume_path}" if ckpt is not None else "training"
+    threads = f" x {_plural(torch.get_num_threads(), 'thread')}" if env.device.type == "cpu" else ""
+    _print(env, f"deformattn train: {action}: {config.model} ({run.num_params / 1e6:.2f}M params) on {where}: "
+                f"{len(splits.train)} train / {len(splits.eval)} {splits.eval_name} images, "
+                f"{len(splits.class_names)} classes, {spec.img_size}x{spec.img_size}, {env.device.type} x "
+                f"{_plural(env.world_size, 'process', 'processes')}{threads}, "
+                f"{_plural(config.epochs, 'epoch')} of {_plural(run.steps_per_epoch, 'step')} "
+                f"-> {out}")
+    initial = run.initial
+    if initial is not None:
+        resized = f", {len(initial['resized'])} position table(s) resized" if initial["resized"] else ""
+        reinit = (f" ({', '.join(sorted({k.rsplit('.', 1)[0] for k in initial['reinitialised_keys']}))})"
+                  if initial["reinitialised"] else "")
+        _print(env, f"initial checkpoint {initial['path']} [{initial['format']}]: loaded "
+                    f"{_plural(initial['loaded'], 'tensor')}{resized}, re-initialised "
+                    f"{initial['reinitialised']}{reinit}, ignored {initial['ignored']}")
+
+
+def _run_epoch(run: _Run, epoch: int, best_acc: float, session_start: float) -> float:
+    """Train one epoch, evaluate, write the checkpoints and metrics (rank 0); the best score so far."""
+    config, env, spec, model, ema = run.config, run.env, run.spec, run.model, run.ema
+    optimizer, scaler = run.optimizer, run.scaler
+    epoch_start = time.perf_counter()
+    run.train_sampler.set_epoch(epoch)
+    run.loader_gen.manual_seed(config.seed * 1_000_003 + epoch)  # worker seeds of this epoch
+    aug_gen = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch * 1_009 + env.rank)
+    desc = f"epoch {epoch + 1}/{config.epochs}"
+    progress = Progress(run.steps_per_epoch, f"{desc} train", mode=config.progress,
+                        log_interval=config.log_interval, enabled=env.is_main)
+    run.ddp_model.train()
+    loss_sum = correct = count = 0.0
+    for images, target in run.train_loader:
+        images, target = images.to(env.device, non_blocking=True), target.to(env.device, non_blocking=True)
+        x = spec.prepare(images, train=True, augment=config.augment, generator=aug_gen)
+        x, soft_target = run.batch_augment(x, target) if run.batch_augment.active else (x, target)
+        with autocast(env.device, run.precision):
+            logits = run.ddp_model(x)
+            loss = run.criterion(logits.float(), soft_target)
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(f"train: loss is {loss_value} at epoch {epoch + 1}, step "
+                                     f"{progress.step + 1}: lower --lr or set --clip-grad")
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if config.clip_grad > 0:
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad)
+        scaler.step(optimizer)
+        scaler.update()
+        run.scheduler.step()
+        if ema is not None:
+            ema.update(model)
+        n = target.numel()
+        loss_sum += loss_value * n
+        correct += (logits.argmax(1) == target).sum().item()
+        count += n
+        progress.update(n * env.world_size, loss=loss_sum / count, acc=correct / count)
+    progress.close()
+    loss_sum, correct, count = all_reduce_sum([loss_sum, correct, count], env)
+    train_seconds = time.perf_counter() - epoch_start
+
+    eval_progress = Progress(len(run.eval_loader), f"{desc} eval", mode=config.progress, enabled=env.is_main,
+                             plain=False)
+    metrics = evaluate(model, run.eval_loader, spec, env, precision=run.precision, progress=eval_progress)
+    eval_progress.close()
+    ema_metrics = (evaluate(ema.module, run.eval_loader, spec, env, precision=run.precision)
+                   if ema is not None else None)
+    row = {
+        "epoch": epoch + 1, "lr": max(g["lr"] for g in optimizer.param_groups),  # the peak group's
+        "train_loss": loss_sum / count, "train_acc": correct / count,
+        "eval_loss": metrics["loss"], "eval_acc": metrics["acc"], "eval_top5": metrics["top5"],
+        "ema_eval_loss": ema_metrics["loss"] if ema_metrics else None,
+        "ema_eval_acc": ema_metrics["acc"] if ema_metrics else None,
+        "ema_eval_top5": ema_metrics["top5"] if ema_metrics else None,
+        "epoch_seconds": time.perf_counter() - epoch_start,
+        "images_per_second": count / train_seconds,
+        "elapsed": run.elapsed_before + time.perf_counter() - session_start,
+    }
+    run.history.append(row)
+    rng_states = all_gather_objects(capture_rng_state(), env)
     if env.is_main:
-        if ckpt is None and (out / "last.pt").exists():
-            print(f"note: starting afresh in {out}: its last.pt will be overwritten (--resume auto would continue it)",
-                  file=sys.stderr)
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "config.json", json.dumps(resolved, indent=1) + "\n")
-        where = "digits (scikit-learn)" if spec.kind == "digits" else str(config.data)
-        action = f"resuming after epoch {start_epoch} from {resume_path}" if ckpt is not None else "training"
-        threads = f" x {_plural(torch.get_num_threads(), 'thread')}" if env.device.type == "cpu" else ""
-        _print(env, f"deformattn train: {action}: {config.model} ({num_params / 1e6:.2f}M params) on {where}: "
-                    f"{len(splits.train)} train / {len(splits.eval)} {splits.eval_name} images, "
-                    f"{len(splits.class_names)} classes, {spec.img_size}x{spec.img_size}, {env.device.type} x "
-                    f"{_plural(env.world_size, 'process', 'processes')}{threads}, "
-                    f"{_plural(config.epochs, 'epoch')} of {_plural(steps_per_epoch, 'step')} "
-                    f"-> {out}")
-        if initial is not None:
-            resized = f", {len(initial['resized'])} position table(s) resized" if initial["resized"] else ""
-            reinit = (f" ({', '.join(sorted({k.rsplit('.', 1)[0] for k in initial['reinitialised_keys']}))})"
-                      if initial["reinitialised"] else "")
-            _print(env, f"initial checkpoint {initial['path']} [{initial['format']}]: loaded "
-                        f"{_plural(initial['loaded'], 'tensor')}{resized}, re-initialised "
-                        f"{initial['reinitialised']}{reinit}, ignored {initial['ignored']}")
+        save_checkpoint(run.out / "last.pt", run.checkpoint_dict(epoch + 1, rng_states, full=True))
+        score = row["ema_eval_acc"] if ema_metrics else row["eval_acc"]
+        if score > best_acc:
+            best_acc = score
+            save_checkpoint(run.out / "best.pt", run.checkpoint_dict(epoch + 1, rng_states, full=False))
+        _write_metrics(run.out, run.history)
+        ema_text = f" | EMA {row['ema_eval_acc']:.2%}" if ema_metrics else ""
+        print(f"{desc}: train loss {row['train_loss']:.4f} acc {row['train_acc']:.2%} | {run.splits.eval_name} "
+              f"loss {row['eval_loss']:.4f} top-1 {row['eval_acc']:.2%} top-5 {row['eval_top5']:.2%}{ema_text}"
+              f" | lr {row['lr']:.2e} | {row['images_per_second']:.0f} img/s | {row['epoch_seconds']:.1f}s "
+              f"(total {format_seconds(row['elapsed'])})", flush=True)
+    barrier(env)
+    return best_acc
 
-    def checkpoint_dict(epoch: int, rng: list[Any], *, full: bool) -> dict[str, Any]:
-        d: dict[str, Any] = {
-            "model": model.state_dict(), "model_name": config.model, "model_kwargs": model_kwargs,
-            "class_names": splits.class_names, "config": resolved, "data": spec.to_dict(), "epoch": epoch,
-            "history": history, "model_ema": ema.module.state_dict() if ema is not None else None,
-            "ema_updates": ema.updates if ema is not None else 0, "initial_checkpoint": initial,
-        }
-        if full:
-            d.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), scaler=scaler.state_dict(),
-                     rng=rng)
-        return d
 
-    best_acc = max((row["eval_acc"] for row in history), default=-1.0)
-    for epoch in range(start_epoch, config.epochs):
-        epoch_start = time.perf_counter()
-        train_sampler.set_epoch(epoch)
-        loader_gen.manual_seed(config.seed * 1_000_003 + epoch)  # worker seeds of this epoch
-        aug_gen = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch * 1_009 + env.rank)
-        desc = f"epoch {epoch + 1}/{config.epochs}"
-        progress = Progress(steps_per_epoch, f"{desc} train", mode=config.progress,
-                            log_interval=config.log_interval, enabled=env.is_main)
-        ddp_model.train()
-        loss_sum = correct = count = 0.0
-        for images, target in train_loader:
-            images, target = images.to(env.device, non_blocking=True), target.to(env.device, non_blocking=True)
-            x = spec.prepare(images, train=True, augment=config.augment, generator=aug_gen)
-            x, soft_target = batch_augment(x, target) if batch_augment.active else (x, target)
-            with autocast(env.device, precision):
-                logits = ddp_model(x)
-                loss = criterion(logits.float(), soft_target)
-            loss_value = loss.item()
-            if not math.isfinite(loss_value):
-                raise FloatingPointError(f"train: loss is {loss_value} at epoch {epoch + 1}, step "
-                                         f"{progress.step + 1}: lower --lr or set --clip-grad")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if config.clip_grad > 0:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            if ema is not None:
-                ema.update(model)
-            n = target.numel()
-            loss_sum += loss_value * n
-            correct += (logits.argmax(1) == target).sum().item()
-            count += n
-            progress.update(n * env.world_size, loss=loss_sum / count, acc=correct / count)
-        progress.close()
-        loss_sum, correct, count = all_reduce_sum([loss_sum, correct, count], env)
-        train_seconds = time.perf_counter() - epoch_start
-
-        eval_progress = Progress(len(eval_loader), f"{desc} eval", mode=config.progress, enabled=env.is_main,
-                                 plain=False)
-        metrics = evaluate(model, eval_loader, spec, env, precision=precision, progress=eval_progress)
-        eval_progress.close()
-        ema_metrics = evaluate(ema.module, eval_loader, spec, env, precision=precision) if ema is not None else None
-        row = {
-            "epoch": epoch + 1, "lr": max(g["lr"] for g in optimizer.param_groups),  # the peak group's
-            "train_loss": loss_sum / count, "train_acc": correct / count,
-            "eval_loss": metrics["loss"], "eval_acc": metrics["acc"], "eval_top5": metrics["top5"],
-            "ema_eval_loss": ema_metrics["loss"] if ema_metrics else None,
-            "ema_eval_acc": ema_metrics["acc"] if ema_metrics else None,
-            "ema_eval_top5": ema_metrics["top5"] if ema_metrics else None,
-            "epoch_seconds": time.perf_counter() - epoch_start,
-            "images_per_second": count / train_seconds,
-            "elapsed": elapsed_before + time.perf_counter() - session_start,
-        }
-        history.append(row)
-        rng_states = all_gather_objects(capture_rng_state(), env)
-        if env.is_main:
-            save_checkpoint(out / "last.pt", checkpoint_dict(epoch + 1, rng_states, full=True))
-            score = row["ema_eval_acc"] if ema_metrics else row["eval_acc"]
-            if score > best_acc:
-                best_acc = score
-                save_checkpoint(out / "best.pt", checkpoint_dict(epoch + 1, rng_states, full=False))
-            _write_metrics(out, history)
-            ema_text = f" | EMA {row['ema_eval_acc']:.2%}" if ema_metrics else ""
-            print(f"{desc}: train loss {row['train_loss']:.4f} acc {row['train_acc']:.2%} | {splits.eval_name} "
-                  f"loss {row['eval_loss']:.4f} top-1 {row['eval_acc']:.2%} top-5 {row['eval_top5']:.2%}{ema_text}"
-                  f" | lr {row['lr']:.2e} | {row['images_per_second']:.0f} img/s | {row['epoch_seconds']:.1f}s "
-                  f"(total {format_seconds(row['elapsed'])})", flush=True)
-        barrier(env)
-
-    checksums = all_gather_objects(_weights_checksum(model), env)
-    seconds = elapsed_before + time.perf_counter() - session_start
+def _summary(run: _Run, session_start: float) -> dict[str, Any]:
+    """The run's summary (every rank); rank 0 also plots the curves and writes ``summary.json``."""
+    config, env, out, splits, spec, history = run.config, run.env, run.out, run.splits, run.spec, run.history
+    checksums = all_gather_objects(_weights_checksum(run.model), env)
+    seconds = run.elapsed_before + time.perf_counter() - session_start
     last = history[-1] if history else {}
     summary = {
         "model": config.model,
@@ -514,16 +588,16 @@ def _train(config: TrainConfig, explicit: set[str], env: DistEnv, session_start:
         "num_eval": len(splits.eval),
         "num_classes": len(splits.class_names),
         "img_size": spec.img_size,
-        "params": num_params,
+        "params": run.num_params,
         "device": str(env.device),
         "world_size": env.world_size,
         "threads": torch.get_num_threads(),
-        "precision": precision,
+        "precision": run.precision,
         "replica_checksums": checksums,
         "replicas_identical": len(set(checksums)) == 1,
         "checkpoint": str(out / "last.pt"),
-        "initial_checkpoint": None if initial is None else {
-            k: (v[:20] if isinstance(v, list) else v) for k, v in initial.items()},
+        "initial_checkpoint": None if run.initial is None else {
+            k: (v[:20] if isinstance(v, list) else v) for k, v in run.initial.items()},
         "torch": torch.__version__,
     }
     if env.is_main:

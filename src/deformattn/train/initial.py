@@ -159,8 +159,9 @@ def load_initial_weights(model: nn.Module, weights: InitialWeights, *, what: str
         CheckpointError: the checkpoint is of another architecture (its name when it can be told) or misses
             parameters of the model's body; the model is then unchanged.
     """
+    from ..layers.window_attention import DERIVED_BUFFERS
     from ..models._helpers import clean_key
-    from ..models.dat import _DERIVED_BUFFERS, checkpoint_filter_fn
+    from ..models.dat import checkpoint_filter_fn
 
     source_shapes = {clean_key(k): tuple(v.shape) for k, v in weights.state_dict.items()}
     filtered = checkpoint_filter_fn(weights.state_dict, model)
@@ -176,10 +177,10 @@ def load_initial_weights(model: nn.Module, weights: InitialWeights, *, what: str
             (reinit if key.startswith(HEAD_PREFIXES) else mismatched).append(key)
         else:
             loaded[key] = value
-            derived = key.rsplit(".", 1)[-1] in _DERIVED_BUFFERS  # the model's own, never the checkpoint's
+            derived = key.rsplit(".", 1)[-1] in DERIVED_BUFFERS  # the model's own, never the checkpoint's
             if not derived and source_shapes.get(key) not in (None, tuple(value.shape)):
                 resized.append(key)
-    missing = [k for k in own if k not in filtered and k.rsplit(".", 1)[-1] not in _DERIVED_BUFFERS]
+    missing = [k for k in own if k not in filtered and k.rsplit(".", 1)[-1] not in DERIVED_BUFFERS]
     reinit += [k for k in missing if k.startswith(HEAD_PREFIXES)]
     missing = [k for k in missing if not k.startswith(HEAD_PREFIXES)]
     name = getattr(model, "pretrained_cfg", {}).get("architecture") or type(model).__name__

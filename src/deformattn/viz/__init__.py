@@ -5,9 +5,8 @@
   changing the model's outputs.
 * :mod:`~deformattn.viz.coords`: normalised ``align_corners=True`` coordinates -> image pixels.
 * :func:`draw_sampling` / :func:`visualize`: the figure (matplotlib, ``pip install 'deformattn[viz]'``).
-* :func:`model_cost` / :func:`count_flops`: parameters and FLOPs per stage, block kind and deformable layer.
-* :mod:`~deformattn.viz.complexity`: dense, window, spatial-reduction, neighborhood and deformable attention at
-  growing map sizes.
+* :mod:`~deformattn.viz.complexity_plot`: the figure of :mod:`deformattn.analysis.complexity` (cost analysis, with
+  :func:`deformattn.analysis.model_cost`, lives in :mod:`deformattn.analysis`).
 
 matplotlib and scikit-learn are imported only by the functions that need them; the drawing helpers
 (which need numpy) are loaded on first access, so importing the package (and the CLI) needs torch only.
@@ -24,7 +23,6 @@ from .coords import (
     normalized_to_image,
     relative_to_feature_index,
 )
-from .flops import CostReport, count_flops, dmha_macs, format_cost_report, model_cost
 from .record import LayerSampling, SamplingRecorder, deformable_layers, record_sampling
 
 _LAZY = {
@@ -37,19 +35,14 @@ _LAZY = {
 }
 
 __all__ = [
-    "CostReport",
     "LayerSampling",
     "SamplingRecorder",
     "VizResult",
-    "count_flops",
     "deformable_layers",
-    "dmha_macs",
     "draw_sampling",
     "feature_to_image",
-    "format_cost_report",
     "image_to_relative",
     "layer_stride",
-    "model_cost",
     "normalized_to_feature",
     "normalized_to_image",
     "record_sampling",

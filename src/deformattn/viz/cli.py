@@ -131,7 +131,7 @@ def _configure_viz(p: argparse.ArgumentParser) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 def cmd_flops(args: argparse.Namespace) -> int:
     from ..models import create_model
-    from .flops import format_cost_report, model_cost
+    from ..analysis.flops import format_cost_report, model_cost
 
     model = create_model(args.model)
     size = args.img_size or int(getattr(model, "pretrained_cfg", {}).get("input_size", (3, 224, 224))[-1])
@@ -156,7 +156,8 @@ def _configure_flops(p: argparse.ArgumentParser) -> None:
 def cmd_complexity(args: argparse.Namespace) -> int:
     import torch
 
-    from . import complexity as C
+    from ..analysis import complexity as C
+    from .complexity_plot import write_complexity
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -175,7 +176,7 @@ def cmd_complexity(args: argparse.Namespace) -> int:
         r["threads"] = threads
     title = (f"one attention layer, C={args.dim}, {args.heads} heads, batch 1, forward on {args.device}"
              + (f" ({threads} threads)" if args.device == "cpu" else ""))
-    paths = C.write_complexity(rows, args.output_dir, title=title)
+    paths = write_complexity(rows, args.output_dir, title=title)
     print()
     print(C.format_complexity_table(rows))
     print(f"\nwrote {paths['json']}, {paths['md']} and {paths['png']}")
@@ -183,7 +184,7 @@ def cmd_complexity(args: argparse.Namespace) -> int:
 
 
 def _configure_complexity(p: argparse.ArgumentParser) -> None:
-    from .complexity import KINDS
+    from ..analysis.complexity import KINDS
 
     p.add_argument("--output-dir", metavar="DIR", required=True, help="where complexity.{json,md,png} go")
     p.add_argument("--quick", action="store_true", help="two small sizes, one timing repeat (for tests)")

@@ -27,7 +27,7 @@ the stages of a 224x224 model, DAT++ and PVT shrink the stride 8 -> 4 -> 2 -> 1 
 keys everywhere.) Window and neighborhood attention are linear in ``N``.
 
 Measured per row: ``flops`` counted with :class:`torch.utils.flop_counter.FlopCounterMode` (2 FLOPs per
-multiply-add; matrix products, convolutions and SDPA only, see :mod:`deformattn.viz.flops`), ``macs = flops / 2``,
+multiply-add; matrix products, convolutions and SDPA only, see :mod:`deformattn.analysis.flops`), ``macs = flops / 2``,
 ``formula_macs`` (the formula above, a check), ``ms`` (median wall time of the forward pass on this machine) and
 ``peak_mib`` (peak memory the forward pass adds: ``torch.cuda.max_memory_allocated`` on a GPU; on a CPU the growth
 of the process's peak resident set size over the call, read from the kernel's ``VmHWM`` after resetting it, with
@@ -40,18 +40,16 @@ from __future__ import annotations
 
 import ctypes
 import gc
-import json
 import math
 import statistics
 import time
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .._utils import atomic_write, atomic_write_text, check_image_tensor, check_int, optional_import
+from .._utils import check_image_tensor, check_int
 from ..attention import DeformableAttention2d
 from .flops import count_flops, dmha_macs
 
@@ -65,9 +63,7 @@ __all__ = [
     "measure_layer",
     "run_complexity",
     "format_complexity_table",
-    "plot_complexity",
     "keep_freed_memory",
-    "write_complexity",
     "DEFAULT_SIDES",
     "QUICK_SIDES",
 ]
@@ -360,55 +356,3 @@ def format_complexity_table(rows: Sequence[dict[str, Any]]) -> str:
             f"{r['formula_macs'] / 1e9:.3f} | {r['ms']:.2f} | {_fmt_mib(r['peak_mib'])} |"
         )
     return "\n".join(lines)
-
-
-_STYLE = {
-    "dense": dict(marker="o", color="#1f77b4"),
-    "window": dict(marker="s", color="#ff7f0e", linestyle="--"),
-    "spatial_reduction": dict(marker="^", color="#2ca02c"),
-    "neighborhood": dict(marker="D", color="#d62728", markersize=4),
-    "deformable": dict(marker="o", color="#9467bd", linewidth=2.5),
-}
-
-
-def plot_complexity(rows: Sequence[dict[str, Any]], path: str | Path, *, title: str | None = None) -> Path:
-    """Three log-log panels (GMACs, ms, peak MiB against tokens), one line per kind; written as a PNG."""
-    matplotlib = optional_import("matplotlib", "viz", "deformattn complexity (the plot)")
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    kinds = [k for k in KINDS if any(r["kind"] == k for r in rows)]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.6), dpi=100)
-    panels = [("macs", "multiply-adds (G)", 1e-9), ("ms", "forward time (ms)", 1.0), ("peak_mib", "peak memory (MiB)", 1.0)]
-    for ax, (key, label, scale) in zip(axes, panels):
-        for kind in kinds:
-            pts = [(r["tokens"], r[key] * scale) for r in rows if r["kind"] == kind and r[key] is not None]
-            pts = [(t, v) for t, v in pts if v > 0]
-            if pts:
-                ax.plot(*zip(*pts), label=LABELS[kind], **_STYLE[kind])
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("tokens HW (map side²)")
-        ax.set_ylabel(label)
-        ax.grid(True, which="both", alpha=0.3)
-        sides = sorted({r["side"] for r in rows})
-        ax.set_xticks([s * s for s in sides])
-        ax.set_xticklabels([f"{s}²" for s in sides])
-        ax.minorticks_off()
-    axes[0].legend(fontsize=8)
-    fig.suptitle(title or "one attention layer, C=128, 4 heads, batch 1, forward (this machine)")
-    fig.tight_layout()
-    path = Path(path)
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
-    plt.close(fig)
-    return path
-
-
-def write_complexity(rows: Sequence[dict[str, Any]], output_dir: str | Path, *, title: str | None = None) -> dict[str, Path]:
-    """``DIR/complexity.json`` (the rows), ``DIR/complexity.md`` (the table) and ``DIR/complexity.png``."""
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "complexity.json", json.dumps(list(rows), indent=1) + "\n")
-    atomic_write_text(out / "complexity.md", format_complexity_table(rows) + "\n")
-    png = plot_complexity(rows, out / "complexity.png", title=title)
-    return {"json": out / "complexity.json", "md": out / "complexity.md", "png": png}
