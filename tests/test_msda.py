@@ -421,21 +421,38 @@ def test_constructor_validation(kwargs, exc, match):
 # ---------------------------------------------------------------------------------------------------------------
 # Backend choice
 # ---------------------------------------------------------------------------------------------------------------
-def test_backend_choice_logs_why(caplog, monkeypatch):
+def test_backend_choice_through_the_one_dispatcher(caplog, monkeypatch):
+    from deformattn.backends import backend_names, select_backend
+    from deformattn.backends.dispatch import Problem
+
+    assert backend_names(msda_ops.MSDA_OP) == ("fast", "reference")
     monkeypatch.delenv("DEFORMATTN_BACKEND", raising=False)
-    with caplog.at_level(logging.DEBUG, logger="deformattn.msda"):
-        name, _ = msda_ops.select_msda_backend(None)
-        assert name == "fast"
-        assert "backend 'fast' (auto)" in caplog.text
-        name, _ = msda_ops.select_msda_backend("reference")
-        assert name == "reference" and "backend 'reference' (requested)" in caplog.text
+    shapes = [(4, 5), (2, 3)]
+    value, loc, attn = _inputs(shapes, N=1, Lq=3, M=2, D=2, P=2)
+    with caplog.at_level(logging.DEBUG, logger="deformattn.backends"):
+        msda(value, shapes, loc, attn)
+        assert "multi_scale_deformable_attention: backend 'fast' (first in preference order)" in caplog.text
+        msda(value, shapes, loc, attn, backend="reference")
+        assert "backend 'reference', requested by backend" in caplog.text
+    # $DEFORMATTN_BACKEND is the dispatcher's: it picks the reference here, and the reference really runs
     monkeypatch.setenv("DEFORMATTN_BACKEND", "reference")
-    assert msda_ops.select_msda_backend(None)[0] == "reference"
+    calls = []
+    real = msda_ops.msda_reference
+    monkeypatch.setattr(msda_ops, "msda_reference", lambda *a: calls.append(1) or real(*a))
+    msda(value, shapes, loc, attn)
+    assert calls == [1]
     monkeypatch.setenv("DEFORMATTN_BACKEND", "turbo")
-    with pytest.raises(ValueError, match=r"\$DEFORMATTN_BACKEND must be one of"):
-        msda_ops.select_msda_backend(None)
+    with pytest.raises(ValueError, match=r"multi_scale_deformable_attention: \$DEFORMATTN_BACKEND must be one of"):
+        msda(value, shapes, loc, attn)
+    monkeypatch.delenv("DEFORMATTN_BACKEND")
     with pytest.raises(ValueError, match="backend must be None or one of"):
-        msda_ops.select_msda_backend("turbo")
+        msda(value, shapes, loc, attn, backend="turbo")
+    with pytest.raises(ValueError, match="MultiScaleDeformableAttention: backend must be None or one of"):
+        MultiScaleDeformableAttention(d_model=8, n_levels=1, n_heads=2, n_points=1, backend="turbo")
+    integer = Problem(torch.device("cpu"), torch.int64)
+    for name in ("fast", "reference"):
+        with pytest.raises(ValueError, match="cannot run this input: needs floating-point inputs"):
+            select_backend(msda_ops.MSDA_OP, integer, name)
 
 
 @pytest.mark.parametrize("which", [(0,), (1,), (2,), (1, 2)])
