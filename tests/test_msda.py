@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,9 +13,9 @@ from deformattn import MultiScaleDeformableAttention
 from deformattn.functional import multi_scale_deformable_attention as msda
 from deformattn.ops import msda as msda_ops
 
-REPO = Path(__file__).resolve().parents[1]
-MSDA_FIXTURES = Path(os.environ.get("DEFORMATTN_MSDA_FIXTURES", REPO.parent / "shared" / "fixtures" / "msda"))
-FIXTURE_FILES = sorted(MSDA_FIXTURES.glob("msda_*.pt")) if MSDA_FIXTURES.is_dir() else []
+from conftest import fixture_files, fixtures_dir
+
+FIXTURE_FILES = fixture_files(("msda_",), kind="msda")
 BACKENDS = ("reference", "fast")
 TOL = {torch.float64: 1e-10, torch.float32: 2e-5}
 
@@ -28,11 +26,25 @@ def _one_thread(one_thread_module):
 
 
 def _require_fixtures() -> None:
-    if not FIXTURE_FILES:
-        msg = f"msda fixture folder not found or empty: {MSDA_FIXTURES} (set DEFORMATTN_MSDA_FIXTURES)"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(msg)
-        pytest.skip(msg)
+    fixtures_dir("msda", "msda_*.pt")  # skips when absent, fails under CI=true
+
+
+def test_fixture_folder_helper(tmp_path, monkeypatch):
+    """One helper for every fixture kind: $DEFORMATTN_FIXTURES_ROOT/<kind>; missing skips, under CI=true fails."""
+    monkeypatch.delenv("DEFORMATTN_FIXTURES", raising=False)
+    monkeypatch.setenv("DEFORMATTN_FIXTURES_ROOT", str(tmp_path))
+    (tmp_path / "msda").mkdir()
+    (tmp_path / "msda" / "msda_a.pt").write_bytes(b"x")
+    assert fixtures_dir("msda", "msda_*.pt") == tmp_path / "msda"
+    assert fixture_files(("msda_",), kind="msda") == [tmp_path / "msda" / "msda_a.pt"]
+    monkeypatch.setenv("CI", "false")
+    with pytest.raises(pytest.skip.Exception, match="official_dat fixture folder not found"):
+        fixtures_dir("official_dat")
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="official_dat fixture folder not found"):
+        fixtures_dir("official_dat")
+    monkeypatch.setenv("DEFORMATTN_FIXTURES", str(tmp_path / "msda"))  # the kind's own variable wins
+    assert fixtures_dir("official_dat") == tmp_path / "msda"
 
 
 def _inputs(shapes, N=2, Lq=7, M=3, D=5, P=3, dtype=torch.float64, spread=(-0.25, 1.25), seed=0):
