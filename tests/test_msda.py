@@ -29,6 +29,29 @@ def _require_fixtures() -> None:
     fixtures_dir("msda", "msda_*.pt")  # skips when absent, fails under CI=true
 
 
+@pytest.fixture(params=["bordered", "direct"])
+def form(request, monkeypatch):
+    """Both forms of the fast path whatever the sizes: the zero-bordered table with the sorted value gradient
+    (many points per key) and the direct reads with ``index_add_`` (few points per key)."""
+    ratio = 0.0 if request.param == "bordered" else math.inf
+    monkeypatch.setattr(msda_ops.msda_fast_module, "_DIRECT_RATIO", ratio)
+    return request.param
+
+
+def test_fast_form_follows_points_per_key(monkeypatch):
+    """The direct form runs iff the corner reads number at most _DIRECT_RATIO per value row."""
+    calls = []
+    for cls in ("_SampleFunction", "_DirectFunction"):
+        real = getattr(msda_ops.msda_fast_module, cls).apply
+        monkeypatch.setattr(getattr(msda_ops.msda_fast_module, cls), "apply",
+                            lambda *a, _r=real, _c=cls: calls.append(_c) or _r(*a))
+    shapes = [(6, 7), (3, 4)]  # S = 54
+    for Lq in (3, 30):  # 3 * M * L * P * 4 = 96 <= 2 * S * M = 216 < 960
+        value, loc, attn = _inputs(shapes, N=1, Lq=Lq, M=2, D=3, P=2)
+        msda(value, shapes, loc, attn, backend="fast")
+    assert calls == ["_DirectFunction", "_SampleFunction"]
+
+
 def test_fixture_folder_helper(tmp_path, monkeypatch):
     """One helper for every fixture kind: $DEFORMATTN_FIXTURES_ROOT/<kind>; missing skips, under CI=true fails."""
     monkeypatch.delenv("DEFORMATTN_FIXTURES", raising=False)
@@ -69,6 +92,7 @@ def _close(a, b, dtype, what):
 # ---------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("path", FIXTURE_FILES or [None], ids=lambda p: p.stem if p else "missing")
+@pytest.mark.usefixtures("form")
 def test_official_fixture(path, backend, monkeypatch):
     _require_fixtures()
     fx = torch.load(path, weights_only=True)
@@ -118,6 +142,7 @@ SHAPE_CASES = {
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("case", sorted(SHAPE_CASES))
+@pytest.mark.usefixtures("form")
 def test_fast_matches_reference(case, dtype):
     shapes = SHAPE_CASES[case]
     value, loc, attn = _inputs(shapes, dtype=dtype)
@@ -134,6 +159,7 @@ def test_fast_matches_reference(case, dtype):
 
 
 @pytest.mark.parametrize("Lq", [1, 3, 60])
+@pytest.mark.usefixtures("form")
 def test_fast_value_gradient_both_ways(Lq):
     """Few queries on a large map take the direct scatter of the value gradient (corner contributions <= rows of
     the zero-bordered table: 2*Lq*2*2*3*4 vs 2*(11*13 + 7*8)*2 = 796), many take the sorted gather."""
@@ -148,6 +174,7 @@ def test_fast_value_gradient_both_ways(Lq):
         _close(a, b, torch.float64, "grad")
 
 
+@pytest.mark.usefixtures("form")
 def test_fast_matches_reference_many_blocks(monkeypatch):
     """Blocks of a few points: the query blocking and the sorted value scatter across blocks."""
     monkeypatch.setattr(msda_ops.msda_fast_module, "_FWD_BLOCK_POINTS", 50)
@@ -164,6 +191,7 @@ def test_fast_matches_reference_many_blocks(monkeypatch):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.usefixtures("form")
 def test_non_contiguous_inputs(backend):
     shapes = [(4, 5), (2, 3)]
     value, loc, attn = _inputs(shapes, N=2, Lq=6, M=3, D=4, P=2)
@@ -195,6 +223,7 @@ def test_gather_form_matches_reference():
         _close(a, b, torch.float64, "grad")
 
 
+@pytest.mark.usefixtures("form")
 def test_locations_on_pixel_borders_and_far_outside():
     """Integer pixel coordinates (floor boundaries), the map edges, and locations far outside / huge."""
     shapes = [(4, 5), (2, 3)]
@@ -220,6 +249,7 @@ def test_locations_on_pixel_borders_and_far_outside():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.usefixtures("form")
 def test_gradcheck(backend):
     shapes = [(3, 4), (2, 1)]
     value, loc, attn = _inputs(shapes, N=2, Lq=3, M=2, D=2, P=2, spread=(-0.1, 1.1))
@@ -230,6 +260,7 @@ def test_gradcheck(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("N, Lq", [(0, 4), (2, 0), (0, 0)])
+@pytest.mark.usefixtures("form")
 def test_empty_batch_or_queries(backend, N, Lq):
     shapes = [(3, 4), (2, 2)]
     value, loc, attn = _inputs(shapes, N=N, Lq=Lq)
@@ -242,6 +273,7 @@ def test_empty_batch_or_queries(backend, N, Lq):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.usefixtures("form")
 def test_all_levels_empty(backend):
     shapes = [(0, 3), (2, 0)]
     value, loc, attn = _inputs(shapes, N=2, Lq=3)
@@ -286,14 +318,14 @@ def test_module_under_autocast(backend, monkeypatch):
     q, x = torch.randn(2, 9, 32), torch.randn(2, 39, 32)
     ref = torch.rand(2, 9, 2, 2)
     dtypes = {}
-    real = msda_ops._SampleFunction.apply if backend == "fast" else msda_ops.msda_reference
+    attr = "msda_fast" if backend == "fast" else "msda_reference"
+    real = getattr(msda_ops, attr)
 
     def spy(value, *args):
         dtypes["value"], dtypes["autocast"] = value.dtype, torch.is_autocast_enabled("cpu")
         return real(value, *args)
 
-    monkeypatch.setattr(msda_ops.msda_fast_module._SampleFunction, "apply", spy) if backend == "fast" else \
-        monkeypatch.setattr(msda_ops, "msda_reference", spy)
+    monkeypatch.setattr(msda_ops, attr, spy)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = m(q, ref, x, shapes, torch.tensor([0, 30]))
     assert dtypes == {"value": torch.float32, "autocast": False}
@@ -469,6 +501,7 @@ def test_backend_choice_through_the_one_dispatcher(caplog, monkeypatch):
 
 @pytest.mark.parametrize("which", [(0,), (1,), (2,), (1, 2)])
 @pytest.mark.parametrize("Lq", [2, 40])  # the value gradient's direct scatter and sorted gather
+@pytest.mark.usefixtures("form")
 def test_fast_gradients_of_some_inputs(which, Lq):
     shapes = [(6, 7), (3, 4)]
     value, loc, attn = _inputs(shapes, N=1, Lq=Lq, M=2, D=3, P=2)
