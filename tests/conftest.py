@@ -1,4 +1,4 @@
-"""Shared test helpers: where the official reference fixtures live."""
+"""Shared test helpers: where the official reference fixtures live (one helper for every kind)."""
 from __future__ import annotations
 
 import os
@@ -8,26 +8,47 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_FIXTURES = REPO.parent / "shared" / "fixtures" / "official_dat"
+ROOT_VAR = "DEFORMATTN_FIXTURES_ROOT"
+DEFAULT_ROOT = REPO.parent / "shared" / "fixtures"
+# a kind's own folder variable, kept from before the shared root (it wins over the root for that kind)
+KIND_VARS = {"official_dat": "DEFORMATTN_FIXTURES"}
 
 
-def fixture_dir() -> Path:
-    """The folder of official-code fixtures: $DEFORMATTN_FIXTURES, else ../shared/fixtures/official_dat.
+def fixtures_path(kind: str = "official_dat") -> Path:
+    """Where fixtures of ``kind`` (``"official_dat"``, ``"msda"``; each folder's README says the format) live:
+    ``$DEFORMATTN_FIXTURES_ROOT/<kind>`` (default ``../shared/fixtures/<kind>``), or the kind's own variable
+    (``$DEFORMATTN_FIXTURES`` for ``official_dat``) when set. Does not check that it exists."""
+    own = KIND_VARS.get(kind)
+    if own and os.environ.get(own):
+        return Path(os.environ[own])
+    return Path(os.environ.get(ROOT_VAR) or DEFAULT_ROOT) / kind
 
-    Outside CI a missing folder skips the test; with CI=true it fails, never silently skips.
+
+def fixtures_dir(kind: str = "official_dat", pattern: str = "*.pt") -> Path:
+    """The fixture folder of ``kind`` (see :func:`fixtures_path`), holding at least one ``pattern`` file.
+
+    Outside CI a missing (or empty) folder skips the test; with CI=true it fails, never silently skips.
     """
-    path = Path(os.environ.get("DEFORMATTN_FIXTURES", DEFAULT_FIXTURES))
-    if not path.is_dir():
-        msg = f"official fixture folder not found: {path} (set DEFORMATTN_FIXTURES)"
+    path = fixtures_path(kind)
+    if not path.is_dir() or not any(path.glob(pattern)):
+        own = KIND_VARS.get(kind)
+        how = f"set {ROOT_VAR}" + (f" or {own}" if own else "")
+        msg = f"{kind} fixture folder not found or without {pattern} files: {path} ({how})"
         if os.environ.get("CI", "").lower() == "true":
             pytest.fail(msg)
         pytest.skip(msg)
     return path
 
 
-def fixture_files(prefixes: tuple[str, ...], kind: str | None = None) -> list[Path]:
-    """Fixture files whose name starts with one of ``prefixes`` (checked lazily inside tests)."""
-    path = Path(os.environ.get("DEFORMATTN_FIXTURES", DEFAULT_FIXTURES))
+def fixture_dir() -> Path:
+    """The official DAT fixtures' folder (:func:`fixtures_dir` of ``"official_dat"``)."""
+    return fixtures_dir("official_dat")
+
+
+def fixture_files(prefixes: tuple[str, ...], kind: str = "official_dat") -> list[Path]:
+    """Fixture files of ``kind`` whose name starts with one of ``prefixes``, for parametrize at collection (an
+    absent folder gives ``[]``: tests then call :func:`fixtures_dir`, which skips or, under CI, fails)."""
+    path = fixtures_path(kind)
     if not path.is_dir():
         return []
     return sorted(p for p in path.glob("*.pt") if p.name.startswith(prefixes))

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,9 +13,9 @@ from deformattn import MultiScaleDeformableAttention
 from deformattn.functional import multi_scale_deformable_attention as msda
 from deformattn.ops import msda as msda_ops
 
-REPO = Path(__file__).resolve().parents[1]
-MSDA_FIXTURES = Path(os.environ.get("DEFORMATTN_MSDA_FIXTURES", REPO.parent / "shared" / "fixtures" / "msda"))
-FIXTURE_FILES = sorted(MSDA_FIXTURES.glob("msda_*.pt")) if MSDA_FIXTURES.is_dir() else []
+from conftest import fixture_files, fixtures_dir
+
+FIXTURE_FILES = fixture_files(("msda_",), kind="msda")
 BACKENDS = ("reference", "fast")
 TOL = {torch.float64: 1e-10, torch.float32: 2e-5}
 
@@ -28,11 +26,48 @@ def _one_thread(one_thread_module):
 
 
 def _require_fixtures() -> None:
-    if not FIXTURE_FILES:
-        msg = f"msda fixture folder not found or empty: {MSDA_FIXTURES} (set DEFORMATTN_MSDA_FIXTURES)"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(msg)
-        pytest.skip(msg)
+    fixtures_dir("msda", "msda_*.pt")  # skips when absent, fails under CI=true
+
+
+@pytest.fixture(params=["bordered", "direct"])
+def form(request, monkeypatch):
+    """Both forms of the fast path whatever the sizes: the zero-bordered table with the sorted value gradient
+    (many points per key) and the direct reads with ``index_add_`` (few points per key)."""
+    ratio = 0.0 if request.param == "bordered" else math.inf
+    monkeypatch.setattr(msda_ops.msda_fast_module, "_DIRECT_RATIO", ratio)
+    return request.param
+
+
+def test_fast_form_follows_points_per_key(monkeypatch):
+    """The direct form runs iff the corner reads number at most _DIRECT_RATIO per value row."""
+    calls = []
+    for cls in ("_SampleFunction", "_DirectFunction"):
+        real = getattr(msda_ops.msda_fast_module, cls).apply
+        monkeypatch.setattr(getattr(msda_ops.msda_fast_module, cls), "apply",
+                            lambda *a, _r=real, _c=cls: calls.append(_c) or _r(*a))
+    shapes = [(6, 7), (3, 4)]  # S = 54
+    for Lq in (3, 30):  # 3 * M * L * P * 4 = 96 <= 2 * S * M = 216 < 960
+        value, loc, attn = _inputs(shapes, N=1, Lq=Lq, M=2, D=3, P=2)
+        msda(value, shapes, loc, attn, backend="fast")
+    assert calls == ["_DirectFunction", "_SampleFunction"]
+
+
+def test_fixture_folder_helper(tmp_path, monkeypatch):
+    """One helper for every fixture kind: $DEFORMATTN_FIXTURES_ROOT/<kind>; missing skips, under CI=true fails."""
+    monkeypatch.delenv("DEFORMATTN_FIXTURES", raising=False)
+    monkeypatch.setenv("DEFORMATTN_FIXTURES_ROOT", str(tmp_path))
+    (tmp_path / "msda").mkdir()
+    (tmp_path / "msda" / "msda_a.pt").write_bytes(b"x")
+    assert fixtures_dir("msda", "msda_*.pt") == tmp_path / "msda"
+    assert fixture_files(("msda_",), kind="msda") == [tmp_path / "msda" / "msda_a.pt"]
+    monkeypatch.setenv("CI", "false")
+    with pytest.raises(pytest.skip.Exception, match="official_dat fixture folder not found"):
+        fixtures_dir("official_dat")
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="official_dat fixture folder not found"):
+        fixtures_dir("official_dat")
+    monkeypatch.setenv("DEFORMATTN_FIXTURES", str(tmp_path / "msda"))  # the kind's own variable wins
+    assert fixtures_dir("official_dat") == tmp_path / "msda"
 
 
 def _inputs(shapes, N=2, Lq=7, M=3, D=5, P=3, dtype=torch.float64, spread=(-0.25, 1.25), seed=0):
@@ -57,6 +92,7 @@ def _close(a, b, dtype, what):
 # ---------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("path", FIXTURE_FILES or [None], ids=lambda p: p.stem if p else "missing")
+@pytest.mark.usefixtures("form")
 def test_official_fixture(path, backend, monkeypatch):
     _require_fixtures()
     fx = torch.load(path, weights_only=True)
@@ -106,6 +142,7 @@ SHAPE_CASES = {
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("case", sorted(SHAPE_CASES))
+@pytest.mark.usefixtures("form")
 def test_fast_matches_reference(case, dtype):
     shapes = SHAPE_CASES[case]
     value, loc, attn = _inputs(shapes, dtype=dtype)
@@ -122,6 +159,7 @@ def test_fast_matches_reference(case, dtype):
 
 
 @pytest.mark.parametrize("Lq", [1, 3, 60])
+@pytest.mark.usefixtures("form")
 def test_fast_value_gradient_both_ways(Lq):
     """Few queries on a large map take the direct scatter of the value gradient (corner contributions <= rows of
     the zero-bordered table: 2*Lq*2*2*3*4 vs 2*(11*13 + 7*8)*2 = 796), many take the sorted gather."""
@@ -136,6 +174,7 @@ def test_fast_value_gradient_both_ways(Lq):
         _close(a, b, torch.float64, "grad")
 
 
+@pytest.mark.usefixtures("form")
 def test_fast_matches_reference_many_blocks(monkeypatch):
     """Blocks of a few points: the query blocking and the sorted value scatter across blocks."""
     monkeypatch.setattr(msda_ops.msda_fast_module, "_FWD_BLOCK_POINTS", 50)
@@ -152,6 +191,7 @@ def test_fast_matches_reference_many_blocks(monkeypatch):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.usefixtures("form")
 def test_non_contiguous_inputs(backend):
     shapes = [(4, 5), (2, 3)]
     value, loc, attn = _inputs(shapes, N=2, Lq=6, M=3, D=4, P=2)
@@ -183,6 +223,7 @@ def test_gather_form_matches_reference():
         _close(a, b, torch.float64, "grad")
 
 
+@pytest.mark.usefixtures("form")
 def test_locations_on_pixel_borders_and_far_outside():
     """Integer pixel coordinates (floor boundaries), the map edges, and locations far outside / huge."""
     shapes = [(4, 5), (2, 3)]
@@ -208,6 +249,7 @@ def test_locations_on_pixel_borders_and_far_outside():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.usefixtures("form")
 def test_gradcheck(backend):
     shapes = [(3, 4), (2, 1)]
     value, loc, attn = _inputs(shapes, N=2, Lq=3, M=2, D=2, P=2, spread=(-0.1, 1.1))
@@ -218,6 +260,7 @@ def test_gradcheck(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("N, Lq", [(0, 4), (2, 0), (0, 0)])
+@pytest.mark.usefixtures("form")
 def test_empty_batch_or_queries(backend, N, Lq):
     shapes = [(3, 4), (2, 2)]
     value, loc, attn = _inputs(shapes, N=N, Lq=Lq)
@@ -230,6 +273,7 @@ def test_empty_batch_or_queries(backend, N, Lq):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.usefixtures("form")
 def test_all_levels_empty(backend):
     shapes = [(0, 3), (2, 0)]
     value, loc, attn = _inputs(shapes, N=2, Lq=3)
@@ -274,14 +318,14 @@ def test_module_under_autocast(backend, monkeypatch):
     q, x = torch.randn(2, 9, 32), torch.randn(2, 39, 32)
     ref = torch.rand(2, 9, 2, 2)
     dtypes = {}
-    real = msda_ops._SampleFunction.apply if backend == "fast" else msda_ops.msda_reference
+    attr = "msda_fast" if backend == "fast" else "msda_reference"
+    real = getattr(msda_ops, attr)
 
     def spy(value, *args):
         dtypes["value"], dtypes["autocast"] = value.dtype, torch.is_autocast_enabled("cpu")
         return real(value, *args)
 
-    monkeypatch.setattr(msda_ops.msda_fast_module._SampleFunction, "apply", spy) if backend == "fast" else \
-        monkeypatch.setattr(msda_ops, "msda_reference", spy)
+    monkeypatch.setattr(msda_ops, attr, spy)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = m(q, ref, x, shapes, torch.tensor([0, 30]))
     assert dtypes == {"value": torch.float32, "autocast": False}
@@ -421,25 +465,43 @@ def test_constructor_validation(kwargs, exc, match):
 # ---------------------------------------------------------------------------------------------------------------
 # Backend choice
 # ---------------------------------------------------------------------------------------------------------------
-def test_backend_choice_logs_why(caplog, monkeypatch):
+def test_backend_choice_through_the_one_dispatcher(caplog, monkeypatch):
+    from deformattn.backends import backend_names, select_backend
+    from deformattn.backends.dispatch import Problem
+
+    assert backend_names(msda_ops.MSDA_OP) == ("fast", "reference")
     monkeypatch.delenv("DEFORMATTN_BACKEND", raising=False)
-    with caplog.at_level(logging.DEBUG, logger="deformattn.msda"):
-        name, _ = msda_ops.select_msda_backend(None)
-        assert name == "fast"
-        assert "backend 'fast' (auto)" in caplog.text
-        name, _ = msda_ops.select_msda_backend("reference")
-        assert name == "reference" and "backend 'reference' (requested)" in caplog.text
+    shapes = [(4, 5), (2, 3)]
+    value, loc, attn = _inputs(shapes, N=1, Lq=3, M=2, D=2, P=2)
+    with caplog.at_level(logging.DEBUG, logger="deformattn.backends"):
+        msda(value, shapes, loc, attn)
+        assert "multi_scale_deformable_attention: backend 'fast' (first in preference order)" in caplog.text
+        msda(value, shapes, loc, attn, backend="reference")
+        assert "backend 'reference', requested by backend" in caplog.text
+    # $DEFORMATTN_BACKEND is the dispatcher's: it picks the reference here, and the reference really runs
     monkeypatch.setenv("DEFORMATTN_BACKEND", "reference")
-    assert msda_ops.select_msda_backend(None)[0] == "reference"
+    calls = []
+    real = msda_ops.msda_reference
+    monkeypatch.setattr(msda_ops, "msda_reference", lambda *a: calls.append(1) or real(*a))
+    msda(value, shapes, loc, attn)
+    assert calls == [1]
     monkeypatch.setenv("DEFORMATTN_BACKEND", "turbo")
-    with pytest.raises(ValueError, match=r"\$DEFORMATTN_BACKEND must be one of"):
-        msda_ops.select_msda_backend(None)
+    with pytest.raises(ValueError, match=r"multi_scale_deformable_attention: \$DEFORMATTN_BACKEND must be one of"):
+        msda(value, shapes, loc, attn)
+    monkeypatch.delenv("DEFORMATTN_BACKEND")
     with pytest.raises(ValueError, match="backend must be None or one of"):
-        msda_ops.select_msda_backend("turbo")
+        msda(value, shapes, loc, attn, backend="turbo")
+    with pytest.raises(ValueError, match="MultiScaleDeformableAttention: backend must be None or one of"):
+        MultiScaleDeformableAttention(d_model=8, n_levels=1, n_heads=2, n_points=1, backend="turbo")
+    integer = Problem(torch.device("cpu"), torch.int64)
+    for name in ("fast", "reference"):
+        with pytest.raises(ValueError, match="cannot run this input: needs floating-point inputs"):
+            select_backend(msda_ops.MSDA_OP, integer, name)
 
 
 @pytest.mark.parametrize("which", [(0,), (1,), (2,), (1, 2)])
 @pytest.mark.parametrize("Lq", [2, 40])  # the value gradient's direct scatter and sorted gather
+@pytest.mark.usefixtures("form")
 def test_fast_gradients_of_some_inputs(which, Lq):
     shapes = [(6, 7), (3, 4)]
     value, loc, attn = _inputs(shapes, N=1, Lq=Lq, M=2, D=3, P=2)

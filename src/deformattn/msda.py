@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._utils import check_int
-from .ops.msda import MSDA_BACKENDS, as_spatial_shapes, check_msda_inputs, is_tracing, \
-    multi_scale_deformable_attention
+from .backends.dispatch import check_backend_name
+from .ops.msda import MSDA_OP, as_spatial_shapes, check_msda_inputs, is_tracing, multi_scale_deformable_attention
 
 __all__ = ["MultiScaleDeformableAttention"]
 
@@ -36,7 +36,7 @@ class MultiScaleDeformableAttention(nn.Module):
         n_heads: ``M``; ``d_model`` must be divisible by it.
         n_points: ``P`` sampling points per head and level.
         backend: ``None`` (automatic), ``"reference"`` (official algorithm) or ``"fast"``; see
-            :func:`deformattn.ops.msda.select_msda_backend`.
+            :func:`deformattn.functional.multi_scale_deformable_attention`.
 
     Shapes: see :meth:`forward`.
     """
@@ -50,8 +50,7 @@ class MultiScaleDeformableAttention(nn.Module):
         check_int(n_points, "n_points", _OWNER, minimum=1)
         if d_model % n_heads != 0:
             raise ValueError(f"{_OWNER}: d_model ({d_model}) must be divisible by n_heads ({n_heads})")
-        if backend is not None and backend not in MSDA_BACKENDS:
-            raise ValueError(f"{_OWNER}: backend must be None or one of {MSDA_BACKENDS}, got {backend!r}")
+        check_backend_name(_OWNER, MSDA_OP, backend)
         self.d_model, self.n_levels, self.n_heads, self.n_points = d_model, n_levels, n_heads, n_points
         self.backend = backend
         self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 2)

@@ -11,6 +11,11 @@ computes the projections, offsets, sampled keys and output projection and hands 
 Neighborhood attention (op ``"neighborhood_attention"``) registers its ``"fast"`` (tiled) and ``"reference"``
 (gathered) backends from :mod:`deformattn.layers.neighborhood_attention`. Window attention has one path.
 
+Multi-scale deformable attention (op ``"multi_scale_deformable_attention"``) has its ``"fast"``
+(:mod:`.msda_fast`: corner gather + ``embedding_bag``, hand-written backward) and ``"reference"``
+(:mod:`.msda_reference`: the official ``grid_sample`` algorithm) here; :mod:`deformattn.ops.msda` registers them
+beside its functional core.
+
 ``$DEFORMATTN_BACKEND`` names the backend for every op that has one of that name (e.g. ``reference`` runs a whole
 model on the reference paths); an explicit ``backend=`` argument wins over it.
 """

@@ -17,23 +17,19 @@ semantics: ``0`` is the *left edge* of the first pixel and ``1`` the right edge 
 """
 from __future__ import annotations
 
-import logging
-import os
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor
 
-from . import msda_fast as msda_fast_module
-from .msda_fast import _SampleFunction, msda_fast, msda_gather
-from .msda_reference import msda_reference
+from ..backends import msda_fast as msda_fast_module
+from ..backends.dispatch import Problem, check_backend_name, register_backend, select_backend
+from ..backends.msda_fast import _SampleFunction, msda_fast, msda_gather
+from ..backends.msda_reference import msda_reference
 
-__all__ = ["MSDA_BACKENDS", "multi_scale_deformable_attention", "select_msda_backend", "check_msda_inputs",
-           "is_tracing"]
+__all__ = ["MSDA_OP", "multi_scale_deformable_attention", "check_msda_inputs", "is_tracing"]
 
-logger = logging.getLogger("deformattn.msda")
-
-MSDA_BACKENDS = ("reference", "fast")
+MSDA_OP = "multi_scale_deformable_attention"
 _OWNER = "multi_scale_deformable_attention"
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -48,37 +44,25 @@ def _shapes_list(spatial_shapes: Tensor) -> list[tuple[int, int]]:
     return [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
 
 
-def _can_run(name: str, *, tracing: bool) -> tuple[bool, str]:
-    """Whether backend ``name`` runs these inputs, and why (shape of the shared dispatcher's ``can_run``)."""
-    if name == "reference":
-        return True, "official algorithm (grid_sample per level), any device / dtype"
-    if tracing:
-        return True, "graph capture: plain-operation gather form (no GridSample, dynamic sizes)"
-    return True, "corner gather + embedding_bag, hand-written backward, any device / dtype"
+def _floating(problem: Problem) -> str | None:
+    if not problem.dtype.is_floating_point:
+        return f"needs floating-point inputs, got {problem.dtype}"
+    return None
 
 
-def select_msda_backend(backend: str | None = None, *, owner: str = _OWNER) -> tuple[str, Callable[..., Tensor]]:
-    """The backend that runs multi-scale deformable attention: ``backend`` if given, else ``$DEFORMATTN_BACKEND``,
-    else the first of ``("fast", "reference")`` that can run. Returns ``(name, function)``; the function takes
-    ``(value, spatial_shapes: Tensor[L, 2], sampling_locations, attention_weights)``. One debug line says why."""
-    if backend is not None and backend not in MSDA_BACKENDS:
-        raise ValueError(f"{owner}: backend must be None or one of {MSDA_BACKENDS}, got {backend!r}")
-    env = os.environ.get("DEFORMATTN_BACKEND") or None
-    if backend is None and env is not None and env not in MSDA_BACKENDS:
-        raise ValueError(f"{owner}: $DEFORMATTN_BACKEND must be one of {MSDA_BACKENDS}, got {env!r}")
-    tracing = is_tracing()
-    requested = backend or env
-    candidates = (requested,) if requested else ("fast", "reference")
-    for name in candidates:
-        ok, reason = _can_run(name, tracing=tracing)
-        if ok:
-            break
-    how = "requested" if backend else ("$DEFORMATTN_BACKEND" if env else "auto")
-    if not tracing:
-        logger.debug("%s: backend %r (%s): %s", owner, name, how, reason)
-    if name == "reference":
-        return name, lambda v, s, loc, a: msda_reference(v, _shapes_list(s), loc, a)
-    return name, (msda_gather if tracing else msda_fast)
+def _reference(value: Tensor, spatial_shapes: Tensor, loc: Tensor, attn: Tensor) -> Tensor:
+    return msda_reference(value, _shapes_list(spatial_shapes), loc, attn)
+
+
+def _fast(value: Tensor, spatial_shapes: Tensor, loc: Tensor, attn: Tensor) -> Tensor:
+    # graph capture: the plain-operation gather form (no GridSample node, dynamic sizes)
+    return msda_gather(value, spatial_shapes, loc, attn) if is_tracing() else msda_fast(value, spatial_shapes, loc,
+                                                                                          attn)
+
+
+# registration order is the automatic preference: the fast path first, the official algorithm as the ground truth
+register_backend(MSDA_OP, "fast", _fast, _floating)
+register_backend(MSDA_OP, "reference", _reference, _floating, plain_ops=True)
 
 
 def _check_tensor(x: Any, name: str, owner: str, dims: int, layout: str) -> None:
@@ -183,7 +167,10 @@ def multi_scale_deformable_attention(
             (see the module docstring); outside reads zeros.
         attention_weights (Tensor[N, Lq, M, L, P]): usually softmax-normalised over ``(L, P)`` per head.
         level_start_index (Tensor[L], optional): checked against ``spatial_shapes`` when given.
-        backend: ``None`` (the fast path, or ``$DEFORMATTN_BACKEND``), ``"reference"`` or ``"fast"``.
+        backend: ``None`` (automatic: ``$DEFORMATTN_BACKEND`` if it names a backend of this op, else the first
+            that can run, ``"fast"``), ``"reference"`` or ``"fast"``; chosen by the package's one dispatcher
+            (:func:`deformattn.backends.select_backend`, op ``"multi_scale_deformable_attention"``), which logs
+            its choice on the ``deformattn.backends`` logger.
 
     Returns:
         Tensor[N, Lq, M*D]. Differentiable in value, locations and weights. Float16 / bfloat16 inputs are sampled
@@ -195,12 +182,15 @@ def multi_scale_deformable_attention(
     else:
         raise TypeError(f"{_OWNER}: value must be a torch.Tensor, got {type(value).__name__}")
     check_msda_inputs(value, shapes, sampling_locations, attention_weights, level_start_index)
-    name, fn = select_msda_backend(backend)
+    check_backend_name(_OWNER, MSDA_OP, backend)
     out_dtype = torch.promote_types(torch.promote_types(value.dtype, sampling_locations.dtype),
                                     attention_weights.dtype)
     compute = torch.float32 if out_dtype in _LOW_PRECISION else out_dtype
     N, S, M, D = value.shape
-    Lq = sampling_locations.shape[1]
+    _, Lq, _, L, P, _ = sampling_locations.shape
+    problem = Problem.of(value, sampling_locations, attention_weights,
+                         sizes=dict(N=N, Lq=Lq, S=S, M=M, D=D, L=L, P=P), tracing=is_tracing())
+    fn = select_backend(MSDA_OP, problem, backend, owner=_OWNER)
     with torch.autocast(value.device.type, enabled=False):
         v, loc, attn = value.to(compute), sampling_locations.to(compute), attention_weights.to(compute)
         if S == 0 and not is_tracing():

@@ -17,12 +17,18 @@ so the output of a (query, head) is one weighted sum of ``L*P*4`` rows of ``valu
   - locations and attention weights need, per corner, the dot product of the output gradient with the corner's
     value row (a gather of the block's rows and one batched ``(1 x D) @ (D x K)`` product; memory bounded by the
     block);
-  - ``value`` receives one scatter for all levels, points and queries. With many points per key (encoder
-    self-attention) it is done as a *gather*: the sampling points are sorted once by their top-left corner in the
-    zero-bordered table, and four ``embedding_bag`` calls (one per corner, bags = table rows) sum the weighted
-    output gradients of the points of each row; the four results are shifted by their corner offset and added. No
-    atomic scatter, no per-level pass. With fewer corner contributions than table rows (decoder queries), each
-    block's contributions are added with one ``index_add_`` instead, which costs nothing per empty row.
+  - ``value`` receives one scatter for all levels, points and queries, done as a *gather*: the sampling points
+    are sorted once by their top-left corner in the zero-bordered table, and four ``embedding_bag`` calls (one per
+    corner, bags = table rows) sum the weighted output gradients of the points of each row; the four results are
+    shifted by their corner offset and added. No atomic scatter, no per-level pass.
+
+* **Few points per key** (:class:`_DirectFunction`, decoder queries): the bordered table and the sorted gather
+  cost about ten passes over value-sized buffers whatever the number of points, which only pays when every value
+  row is read by many corners. When the corner reads number at most ``_DIRECT_RATIO`` (2) per row of ``value``
+  (``N*Lq*M*L*P*4 <= 2*N*S*M``), the corners are read straight from ``value`` (rows clamped into the map, the
+  weight of a corner outside it zeroed), and the backward adds each block's ``(K x 1) * (1 x D)`` contributions to
+  the value gradient with one ``index_add_``: no copy of ``value``, memory bounded by the block. Same formulas,
+  same results (both forms are tested against the reference).
 
 * **Export / compile** (:func:`msda_gather`): the same formulas with plain operations (``index_select``, ``mul``,
   ``sum``), one level and corner at a time, computed from ``spatial_shapes`` as a tensor, so the graph has no
@@ -45,6 +51,8 @@ from torch.autograd.function import once_differentiable
 # ~12 bytes each in float32) stay in cache-sized chunks. Backward: the dot products gather points * 4 * D values.
 _FWD_BLOCK_POINTS = int(os.environ.get("DEFORMATTN_MSDA_FWD_BLOCK", 1 << 18))
 _BWD_BLOCK_POINTS = int(os.environ.get("DEFORMATTN_MSDA_BWD_BLOCK", 1 << 15))
+# Corner reads per value row below which the direct form runs (see the module docstring)
+_DIRECT_RATIO = float(os.environ.get("DEFORMATTN_MSDA_DIRECT_RATIO", 2.0))
 
 
 def _level_tables(spatial_shapes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -203,21 +211,13 @@ class _SampleFunction(torch.autograd.Function):
         go = grad_out.reshape(N, Lq, M, D).contiguous()
         grad_loc = torch.empty_like(loc) if need_loc else None
         grad_attn = torch.empty_like(attn) if need_attn else None
-        # few points for the map (decoder queries): scatter each block's corners directly; many points (encoder):
-        # sort once and gather per padded position (see _scatter_value)
-        scatter = need_value and N * Lq * M * L * P * 4 <= N * sp * M
-        if scatter:
-            grad_table = value.new_zeros(N * sp * M, D)
-        elif need_value:
+        # many points per key (this form's regime, see msda_fast): sort once and gather per padded position
+        if need_value:
             keys = torch.empty(N, Lq, M, L, P, dtype=torch.int64, device=value.device)  # top-left rows
             corner_w = torch.empty(N, Lq, M, L, P, 4, dtype=value.dtype, device=value.device)
         for q0, q1 in _query_blocks(N, Lq, M, L, P, _BWD_BLOCK_POINTS):
             base, a, fx, fy, inside = lv.points(loc[:, q0:q1], attn[:, q0:q1])
-            if scatter:
-                w = lv.weights(a, fx, fy)  # N, Qb, M, L, P, 4
-                src = w[..., None] * go[:, q0:q1, :, None, None, None, :]  # N, Qb, M, L, P, 4, D
-                grad_table.index_add_(0, (base[..., None] + lv.delta).view(-1), src.view(-1, D))
-            elif need_value:
+            if need_value:
                 keys[:, q0:q1] = base
                 corner_w[:, q0:q1] = lv.weights(a, fx, fy)
             if not (need_loc or need_attn):
@@ -240,14 +240,80 @@ class _SampleFunction(torch.autograd.Function):
                 gfy = a * (wx0 * (g10 - g00) + fx * (g11 - g01)) * lv.Hf
                 grad_loc[:, q0:q1] = torch.stack([gfx, gfy], -1)
         del table
-        if scatter:
-            grad_value = _interior(grad_table.view(N, sp, M, D), shapes, starts)
-        elif need_value:
+        if need_value:
             held = [keys, corner_w]  # handed over so that _scatter_value can free them as soon as they are used
             del keys, corner_w
             grad_value = _scatter_value(go, held, shapes, starts, sp, value.shape)
         else:
             grad_value = None
+        return grad_value, None, grad_loc, grad_attn
+
+
+class _DirectFunction(torch.autograd.Function):
+    """The fast path for few sampling points per key (decoder queries): corners read straight from ``value`` (rows
+    clamped into the map, weight zeroed where the corner is outside), no zero-bordered copy of ``value``; the
+    backward recomputes the corners per block and adds the value gradient with one ``index_add_`` per block."""
+
+    @staticmethod
+    def forward(ctx, value: Tensor, spatial_shapes: Tensor, loc: Tensor, attn: Tensor) -> Tensor:
+        N, S, M, D = value.shape
+        _, Lq, _, L, P, _ = loc.shape
+        H, W, start = _level_tables(spatial_shapes)
+        table = value.view(-1, D)
+        out = value.new_empty(N, Lq, M, D)
+        K = L * P * 4
+        for q0, q1 in _query_blocks(N, Lq, M, L, P, _FWD_BLOCK_POINTS):
+            x0i, y0i, fx, fy, vx0, vx1, vy0, vy1 = _corners(loc[:, q0:q1], H, W)
+            rows = _corner_rows(x0i, y0i, H, W, start, S, M)  # N, Qb, M, L, P, 4
+            w = _corner_weights(attn[:, q0:q1], fx, fy, vx0, vx1, vy0, vy1)
+            out[:, q0:q1] = F.embedding_bag(rows.view(-1, K), table, per_sample_weights=w.view(-1, K),
+                                            mode="sum").view(N, q1 - q0, M, D)
+        ctx.save_for_backward(value, spatial_shapes, loc, attn)
+        return out.view(N, Lq, M * D)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: Tensor):
+        value, spatial_shapes, loc, attn = ctx.saved_tensors
+        need_value, _, need_loc, need_attn = ctx.needs_input_grad
+        N, S, M, D = value.shape
+        _, Lq, _, L, P, _ = loc.shape
+        H, W, start = _level_tables(spatial_shapes)
+        Wf, Hf = W.to(loc.dtype)[:, None], H.to(loc.dtype)[:, None]  # L, 1
+        K = L * P * 4
+        table = value.view(-1, D)
+        go = grad_out.reshape(N, Lq, M, D).contiguous()
+        grad_table = value.new_zeros(N * S * M, D) if need_value else None
+        grad_loc = torch.empty_like(loc) if need_loc else None
+        grad_attn = torch.empty_like(attn) if need_attn else None
+        for q0, q1 in _query_blocks(N, Lq, M, L, P, _BWD_BLOCK_POINTS):
+            Qb = q1 - q0
+            x0i, y0i, fx, fy, vx0, vx1, vy0, vy1 = _corners(loc[:, q0:q1], H, W)
+            rows = _corner_rows(x0i, y0i, H, W, start, S, M)  # N, Qb, M, L, P, 4
+            a = attn[:, q0:q1]
+            if need_value:
+                w = _corner_weights(a, fx, fy, vx0, vx1, vy0, vy1)  # N, Qb, M, L, P, 4
+                # (K x 1) * (1 x D) per (query, head): a plain two-operand broadcast, several times faster than
+                # broadcasting over the six point dimensions
+                src = w.reshape(-1, K, 1) * go[:, q0:q1].reshape(-1, 1, D)  # N*Qb*M, K, D
+                grad_table.index_add_(0, rows.view(-1), src.view(-1, D))
+            if not (need_loc or need_attn):
+                continue
+            gathered = table.index_select(0, rows.view(-1)).view(N * Qb * M, L * P * 4, D)
+            dots = torch.bmm(go[:, q0:q1].reshape(-1, 1, D), gathered.transpose(1, 2))
+            del gathered
+            # a corner outside the map reads zero: its clamped row's dot product is masked out
+            valid = (torch.stack([vy0, vy1], -1)[..., :, None] * torch.stack([vx0, vx1], -1)[..., None, :])
+            dots = dots.view(N, Qb, M, L, P, 2, 2) * valid  # dy, dx
+            g00, g10, g01, g11 = dots[..., 0, 0], dots[..., 1, 0], dots[..., 0, 1], dots[..., 1, 1]
+            wx0, wy0 = 1 - fx, 1 - fy
+            if need_attn:
+                grad_attn[:, q0:q1] = wy0 * (wx0 * g00 + fx * g01) + fy * (wx0 * g10 + fx * g11)
+            if need_loc:
+                gfx = a * (wy0 * (g01 - g00) + fy * (g11 - g10)) * Wf
+                gfy = a * (wx0 * (g10 - g00) + fx * (g11 - g01)) * Hf
+                grad_loc[:, q0:q1] = torch.stack([gfx, gfy], -1)
+        grad_value = grad_table.view(N, S, M, D) if need_value else None
         return grad_value, None, grad_loc, grad_attn
 
 
@@ -287,18 +353,15 @@ def _scatter_value(go: Tensor, held: list[Tensor], shapes: list[tuple[int, int]]
     return grad
 
 
-def _interior(table: Tensor, shapes: list[tuple[int, int]], starts: list[int]) -> Tensor:
-    """The inverse of :func:`_padded_table`: Tensor[N, Sp, M, D] -> Tensor[N, S, M, D] without the borders."""
-    N, _, M, D = table.shape
-    parts = [table[:, ps:ps + (H + 2) * (W + 2)].view(N, H + 2, W + 2, M, D)[:, 1:H + 1, 1:W + 1]
-             .reshape(N, H * W, M, D) for (H, W), ps in zip(shapes, starts)]
-    return torch.cat(parts, 1)
-
-
 def msda_fast(value: Tensor, spatial_shapes: Tensor, sampling_locations: Tensor, attention_weights: Tensor) -> Tensor:
     """Eager fast path (see the module docstring); inputs as for the reference, ``spatial_shapes`` a Tensor[L, 2]
     (int64, on ``value``'s device). Returns Tensor[N, Lq, M*D]."""
+    N, S, M, D = value.shape
+    _, Lq, _, L, P, _ = sampling_locations.shape
     # the blocks take flat views of these: one copy here if a caller passes strided tensors
+    if N * Lq * M * L * P * 4 <= _DIRECT_RATIO * N * S * M:
+        return _DirectFunction.apply(value.contiguous(), spatial_shapes, sampling_locations.contiguous(),
+                                     attention_weights.contiguous())
     return _SampleFunction.apply(value.contiguous(), spatial_shapes, sampling_locations.contiguous(),
                                  attention_weights.contiguous())
 
