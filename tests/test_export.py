@@ -199,15 +199,16 @@ def test_onnx_fixed_size_model_keeps_its_size(tmp_path):
 
 
 def test_export_progress_lines(tmp_path):
-    """progress=callable receives the steps (capture, translate, verify) with elapsed times; progress=False prints
-    nothing."""
+    """progress=callable receives the steps (capture, translate, optimize, verify) with elapsed times; the result
+    carries the step times."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3, 2, 1), nn.GELU()).eval()
     lines: list[str] = []
-    export_model(model, "onnx", img_size=10, in_chans=3, dynamic=True, output=tmp_path / "p.onnx",
-                 progress=lines.append)
+    result = export_model(model, "onnx", img_size=10, in_chans=3, dynamic=True, output=tmp_path / "p.onnx",
+                          progress=lines.append)
     steps = [re.match(r"\[\s*[\d.]+ s\] (\w+)", line).group(1) for line in lines]
-    assert steps[:2] == ["capture", "translate"] and "verify" in steps, lines
+    assert steps[:3] == ["capture", "translate", "optimize"] and "verify" in steps, lines
+    assert 0 < result.optimize_seconds < result.export_seconds and result.translate_seconds > 0
     lines.clear()
     export_model(model, "torchscript", img_size=10, in_chans=3, output=tmp_path / "p.pt", progress=lines.append)
     assert [ln.split("] ")[1].split(":")[0] for ln in lines][:2] == ["capture", "verify"]

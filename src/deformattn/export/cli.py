@@ -83,7 +83,7 @@ def _configure_export(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--verbose", action="store_true", help="show the exporters' messages")
     p.add_argument("--quiet", "-q", action="store_true",
-                   help="no progress lines (the steps capture, translate, verify with elapsed times, on stderr)")
+                   help="no progress lines (the steps capture, translate, optimize, verify with elapsed times, on stderr)")
 
 
 def load_export_model(model: str | None, checkpoint: str | None, *, ema: bool = False,
