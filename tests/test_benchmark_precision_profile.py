@@ -44,3 +44,31 @@ def test_small_run_writes_a_consistent_report(tmp_path):
         assert 0 < r[d]["other_share"] < 1
     assert abs(r["speedup"] - r["fp32"]["total_ms"] / r["bf16"]["total_ms"]) < 1e-9
     assert r["bound_free_matmul"] >= r["speedup"]
+
+
+def _readme_section(title: str) -> str:
+    import re
+
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    m = re.search(rf"^## {re.escape(title)}\n", readme, flags=re.M)
+    assert m, f"README has no section {title!r}"
+    end = re.search(r"^## ", readme[m.end():], flags=re.M)
+    return readme[m.end(): m.end() + end.start() if end else len(readme)]
+
+
+def test_readme_precision_section_quotes_the_results():
+    """The README's Precision table and profile figures are those of the recorded JSON files."""
+    text = _readme_section("Precision")
+    speed = json.loads((REPO / "benchmarks/results/models_precision.json").read_text())
+    for row in speed["models"]:
+        p = row["precision"]
+        line = next((ln for ln in text.splitlines() if ln.startswith(f"| `{row['model']}` |")), None)
+        assert line, f"no README row for {row['model']}"
+        figures = [p["infer_speedup"]["bf16-weights"]["median"], p["train_speedup"]["bf16-weights"]["median"],
+                   p["infer_speedup"]["bf16-autocast"]["median"], p["train_speedup"]["bf16-autocast"]["median"]]
+        for f in figures:
+            assert f"{f:.2f}×" in line, (row["model"], f, line)
+        assert f"{p['infer']['bf16-weights']['logits_rel_err']:.3f}" in line, line
+    prof = json.loads((REPO / "benchmarks/results/precision_profile.json").read_text())
+    for name, r in prof["models"].items():
+        assert f"{r['bf16']['other_share']:.0%}" in text and f"{r['bound_free_matmul']:.2f}×" in text, name
