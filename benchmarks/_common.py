@@ -36,7 +36,6 @@ import resource
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -337,21 +336,10 @@ def run_worker(argv: Sequence[str], *, env: dict[str, str], timeout_s: float) ->
 # Output
 # ---------------------------------------------------------------------------------------------------------------
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Write JSON to ``path`` atomically (a temporary file in the same folder, then ``os.replace``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    """Write JSON to ``path`` atomically, through the package's one atomic writer."""
+    from deformattn._utils import atomic_write_text
+
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
 def geomean(values: Sequence[float]) -> float:
