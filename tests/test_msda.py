@@ -10,6 +10,7 @@ import torch
 
 import deformattn
 from deformattn import MultiScaleDeformableAttention
+from deformattn.backends import msda_fast
 from deformattn.functional import multi_scale_deformable_attention as msda
 from deformattn.ops import msda as msda_ops
 
@@ -30,26 +31,51 @@ def _require_fixtures() -> None:
 
 
 @pytest.fixture(params=["bordered", "direct"])
-def form(request, monkeypatch):
+def form(request):
     """Both forms of the fast path whatever the sizes: the zero-bordered table with the sorted value gradient
     (many points per key) and the direct reads with ``index_add_`` (few points per key)."""
-    ratio = 0.0 if request.param == "bordered" else math.inf
-    monkeypatch.setattr(msda_ops.msda_fast_module, "_DIRECT_RATIO", ratio)
-    return request.param
+    with msda_fast.tuning(direct_ratio=0.0 if request.param == "bordered" else math.inf):
+        yield request.param
 
 
-def test_fast_form_follows_points_per_key(monkeypatch):
-    """The direct form runs iff the corner reads number at most _DIRECT_RATIO per value row."""
-    calls = []
-    for cls in ("_SampleFunction", "_DirectFunction"):
-        real = getattr(msda_ops.msda_fast_module, cls).apply
-        monkeypatch.setattr(getattr(msda_ops.msda_fast_module, cls), "apply",
-                            lambda *a, _r=real, _c=cls: calls.append(_c) or _r(*a))
+def _functions_run(out: torch.Tensor) -> set[str]:
+    """Names of the autograd nodes behind ``out`` (which custom Function ran)."""
+    seen, stack = set(), [out.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is None or type(fn).__name__ in seen:
+            continue
+        seen.add(type(fn).__name__)
+        stack.extend(f for f, _ in fn.next_functions)
+    return seen
+
+
+def test_fast_form_follows_points_per_key():
+    """The direct form runs iff the corner reads number at most ``direct_ratio`` (2) per value row."""
     shapes = [(6, 7), (3, 4)]  # S = 54
-    for Lq in (3, 30):  # 3 * M * L * P * 4 = 96 <= 2 * S * M = 216 < 960
+    for Lq, expected in ((3, "direct"), (30, "bordered")):  # 3 * M * L * P * 4 = 96 <= 2 * S * M = 216 < 960
+        assert msda_fast.fast_form(1, Lq, 2, 2, 2, 54) == expected
         value, loc, attn = _inputs(shapes, N=1, Lq=Lq, M=2, D=3, P=2)
-        msda(value, shapes, loc, attn, backend="fast")
-    assert calls == ["_DirectFunction", "_SampleFunction"]
+        out = msda(value.requires_grad_(), shapes, loc, attn, backend="fast")
+        ran = _functions_run(out)
+        names = ["_DirectFunctionBackward", "_SampleFunctionBackward"]
+        if expected != "direct":
+            names.reverse()
+        assert names[0] in ran and names[1] not in ran, ran
+
+
+def test_tuning_restores_and_checks():
+    """``tuning`` changes the knobs inside the block only and rejects bad values, naming them."""
+    assert msda_fast.fast_form(1, 30, 2, 2, 2, 54) == "bordered"
+    with msda_fast.tuning(direct_ratio=math.inf, fwd_block_points=7, bwd_block_points=5):
+        assert msda_fast.fast_form(1, 30, 2, 2, 2, 54) == "direct"
+    assert msda_fast.fast_form(1, 30, 2, 2, 2, 54) == "bordered"
+    bad = (({"fwd_block_points": 0}, "fwd_block_points"), ({"bwd_block_points": 2.5}, "bwd_block_points"),
+           ({"direct_ratio": -1.0}, "direct_ratio"), ({"direct_ratio": math.nan}, "direct_ratio"))
+    for kwargs, name in bad:
+        with pytest.raises(ValueError, match=name):
+            with msda_fast.tuning(**kwargs):
+                pass
 
 
 def test_fixture_folder_helper(tmp_path, monkeypatch):
@@ -175,19 +201,18 @@ def test_fast_value_gradient_both_ways(Lq):
 
 
 @pytest.mark.usefixtures("form")
-def test_fast_matches_reference_many_blocks(monkeypatch):
+def test_fast_matches_reference_many_blocks():
     """Blocks of a few points: the query blocking and the sorted value scatter across blocks."""
-    monkeypatch.setattr(msda_ops.msda_fast_module, "_FWD_BLOCK_POINTS", 50)
-    monkeypatch.setattr(msda_ops.msda_fast_module, "_BWD_BLOCK_POINTS", 37)
     shapes = [(6, 5), (3, 3)]
     value, loc, attn = _inputs(shapes, N=3, Lq=23, M=2, D=4, P=2)
     leaves = [t.clone().requires_grad_() for t in (value, loc, attn)]
     ref = msda(*leaves[:1], shapes, *leaves[1:], backend="reference")
-    fast = msda(*leaves[:1], shapes, *leaves[1:], backend="fast")
-    _close(fast, ref, torch.float64, "output")
     g = torch.randn_like(ref)
-    for a, b in zip(torch.autograd.grad(fast, leaves, g), torch.autograd.grad(ref, leaves, g)):
-        _close(a, b, torch.float64, "grad")
+    with msda_fast.tuning(fwd_block_points=50, bwd_block_points=37):
+        fast = msda(*leaves[:1], shapes, *leaves[1:], backend="fast")
+        _close(fast, ref, torch.float64, "output")
+        for a, b in zip(torch.autograd.grad(fast, leaves, g), torch.autograd.grad(ref, leaves, g)):
+            _close(a, b, torch.float64, "grad")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -290,8 +290,11 @@ class DeformableAttention2d(nn.Module):
         pos, reference = self.sampling_positions(q)  # BG, Hk, Wk, 2 ; Hk, Wk, 2
         xs = self.sample_kv_input(x, pos).transpose(1, 2)  # B, Ns, C
         Ns = xs.shape[1]
-        k = _conv1x1(self.proj_k, xs).reshape(B, Ns, nH, hc).transpose(1, 2)  # B, nH, Ns, hc
-        v = _conv1x1(self.proj_v, xs).reshape(B, Ns, nH, hc).transpose(1, 2)  # B, nH, Ns, hc
+        # contiguous here, not in the backend: the strided projection outputs would otherwise stay alive (held by
+        # this frame) beside the backend's copies for the whole attention call
+        k = _conv1x1(self.proj_k, xs).reshape(B, Ns, nH, hc).transpose(1, 2).contiguous()  # B, nH, Ns, hc
+        v = _conv1x1(self.proj_v, xs).reshape(B, Ns, nH, hc).transpose(1, 2).contiguous()  # B, nH, Ns, hc
+        del xs
         qh = q.reshape(B, nH, hc, H * W).transpose(-1, -2)  # B, nH, H*W, hc
         bias = self.position_bias_params()
         problem = Problem.of(

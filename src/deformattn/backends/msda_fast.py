@@ -24,11 +24,11 @@ so the output of a (query, head) is one weighted sum of ``L*P*4`` rows of ``valu
 
 * **Few points per key** (:class:`_DirectFunction`, decoder queries): the bordered table and the sorted gather
   cost about ten passes over value-sized buffers whatever the number of points, which only pays when every value
-  row is read by many corners. When the corner reads number at most ``_DIRECT_RATIO`` (2) per row of ``value``
-  (``N*Lq*M*L*P*4 <= 2*N*S*M``), the corners are read straight from ``value`` (rows clamped into the map, the
-  weight of a corner outside it zeroed), and the backward adds each block's ``(K x 1) * (1 x D)`` contributions to
-  the value gradient with one ``index_add_``: no copy of ``value``, memory bounded by the block. Same formulas,
-  same results (both forms are tested against the reference).
+  row is read by many corners. When the corner reads number at most ``direct_ratio`` (2; :func:`tuning`) per row of
+  ``value`` (``N*Lq*M*L*P*4 <= 2*N*S*M``, :func:`fast_form`), the corners are read straight from ``value`` (rows
+  clamped into the map, the weight of a corner outside it zeroed), and the backward adds each block's
+  ``(K x 1) * (1 x D)`` contributions to the value gradient with one ``index_add_``: no copy of ``value``, memory
+  bounded by the block. Same formulas, same results (both forms are tested against the reference).
 
 * **Export / compile** (:func:`msda_gather`): the same formulas with plain operations (``index_select``, ``mul``,
   ``sum``), one level and corner at a time, computed from ``spatial_shapes`` as a tensor, so the graph has no
@@ -40,7 +40,9 @@ columns are ``x0`` (weight ``1 - fx``) and ``x0 + 1`` (weight ``fx``), and a col
 """
 from __future__ import annotations
 
-import os
+import contextlib
+import math
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -49,10 +51,52 @@ from torch.autograd.function import once_differentiable
 
 # Sampling points (N * queries * M * L * P) per block. Forward: the block's index and weight tensors (4 corners,
 # ~12 bytes each in float32) stay in cache-sized chunks. Backward: the dot products gather points * 4 * D values.
-_FWD_BLOCK_POINTS = int(os.environ.get("DEFORMATTN_MSDA_FWD_BLOCK", 1 << 18))
-_BWD_BLOCK_POINTS = int(os.environ.get("DEFORMATTN_MSDA_BWD_BLOCK", 1 << 15))
+# Change these with tuning(), not by assignment.
+_FWD_BLOCK_POINTS = 1 << 18
+_BWD_BLOCK_POINTS = 1 << 15
 # Corner reads per value row below which the direct form runs (see the module docstring)
-_DIRECT_RATIO = float(os.environ.get("DEFORMATTN_MSDA_DIRECT_RATIO", 2.0))
+_DIRECT_RATIO = 2.0
+
+
+@contextlib.contextmanager
+def tuning(
+    *,
+    fwd_block_points: int | None = None,
+    bwd_block_points: int | None = None,
+    direct_ratio: float | None = None,
+) -> Iterator[None]:
+    """Temporarily change the multi-scale fast backend's knobs (None keeps a knob): ``fwd_block_points`` /
+    ``bwd_block_points`` sampling points per block of queries in the forward / backward pass (memory against
+    speed), ``direct_ratio`` the corner reads per row of ``value`` up to which the direct form runs (0: always the
+    bordered table, ``math.inf``: always direct; see :func:`fast_form`). Tests use it to force both forms and many
+    blocks on small inputs."""
+    global _FWD_BLOCK_POINTS, _BWD_BLOCK_POINTS, _DIRECT_RATIO
+    saved = (_FWD_BLOCK_POINTS, _BWD_BLOCK_POINTS, _DIRECT_RATIO)
+    for name, value in (("fwd_block_points", fwd_block_points), ("bwd_block_points", bwd_block_points)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ValueError(f"tuning: {name} must be an int >= 1, got {value!r}")
+    if direct_ratio is not None and (
+        isinstance(direct_ratio, bool) or not isinstance(direct_ratio, (int, float)) or math.isnan(direct_ratio)
+        or direct_ratio < 0
+    ):
+        raise ValueError(f"tuning: direct_ratio must be a number >= 0 (math.inf allowed), got {direct_ratio!r}")
+    if fwd_block_points is not None:
+        _FWD_BLOCK_POINTS = fwd_block_points
+    if bwd_block_points is not None:
+        _BWD_BLOCK_POINTS = bwd_block_points
+    if direct_ratio is not None:
+        _DIRECT_RATIO = float(direct_ratio)
+    try:
+        yield
+    finally:
+        _FWD_BLOCK_POINTS, _BWD_BLOCK_POINTS, _DIRECT_RATIO = saved
+
+
+def fast_form(N: int, Lq: int, M: int, L: int, P: int, S: int) -> str:
+    """The form :func:`msda_fast` runs for these sizes: ``"direct"`` when the corner reads number at most
+    ``direct_ratio`` (:func:`tuning`) per row of ``value`` (``N*Lq*M*L*P*4 <= ratio * N*S*M``), else
+    ``"bordered"``."""
+    return "direct" if N * Lq * M * L * P * 4 <= _DIRECT_RATIO * N * S * M else "bordered"
 
 
 def _level_tables(spatial_shapes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -359,7 +403,7 @@ def msda_fast(value: Tensor, spatial_shapes: Tensor, sampling_locations: Tensor,
     N, S, M, D = value.shape
     _, Lq, _, L, P, _ = sampling_locations.shape
     # the blocks take flat views of these: one copy here if a caller passes strided tensors
-    if N * Lq * M * L * P * 4 <= _DIRECT_RATIO * N * S * M:
+    if fast_form(N, Lq, M, L, P, S) == "direct":
         return _DirectFunction.apply(value.contiguous(), spatial_shapes, sampling_locations.contiguous(),
                                      attention_weights.contiguous())
     return _SampleFunction.apply(value.contiguous(), spatial_shapes, sampling_locations.contiguous(),

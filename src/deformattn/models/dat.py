@@ -35,7 +35,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .._utils import check_float, check_image_tensor, check_int, to_2tuple
 from ..attention import DeformableAttention2d
-from ..functional import POS_BIAS_KINDS
+from ..functional import POS_BIAS_KINDS, VERSIONS
 from ..layers import (
     ConvFFN,
     ConvStem,
@@ -317,8 +317,8 @@ class DAT(nn.Module):
         backend: str | None = None,
     ):
         super().__init__()
-        if version not in ("pp", "v1"):
-            raise ValueError(f"{_OWNER}: version must be 'pp' or 'v1', got {version!r}")
+        if version not in VERSIONS:
+            raise ValueError(f"{_OWNER}: version must be one of {VERSIONS}, got {version!r}")
         img_size = to_2tuple(img_size, "img_size", _OWNER)
         in_chans = check_int(in_chans, "in_chans", _OWNER, minimum=1)
         num_classes = check_int(num_classes, "num_classes", _OWNER, minimum=0)

@@ -22,7 +22,6 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from ..backends import msda_fast as msda_fast_module
 from ..backends.dispatch import Problem, check_backend_name, register_backend, select_backend
 from ..backends.msda_fast import _SampleFunction, msda_fast, msda_gather
 from ..backends.msda_reference import msda_reference
