@@ -165,14 +165,15 @@ def _flat_positions(rows: Tensor, cols: Tensor, width) -> Tensor:
     return (rows[:, None, :, None] * width + cols[None, :, None, :]).reshape(-1)
 
 
-def _tiled_plan(H, W, kernel_size: int, tile: int | None, device) -> tuple:
+def _tiled_plan(H, W, kernel_size: int, tile: int | None, heads: int, device) -> tuple:
     """Gather indices of the fast backend on a map of ``H x W`` queries (positions in the map padded to the tiling's
     extent ``Hp x Wp``: ``Hp = H`` for a plain-int size, see :func:`neighborhood_tiles`).
 
     Returns:
         qpos (Tensor[nt*T*T]), kpos (Tensor[nt*R*R]): flattened map positions of every tile's queries / keys.
-        bias_index (Tensor[nt, T*T, R*R]): index into the flattened ``(2k-1)^2`` bias table, ``(2k-1)^2`` (the
-            table's appended ``-inf`` entry) where the key is not in the query's neighbourhood.
+        bias_index (Tensor[heads, nt, T*T, R*R]): flat index into the ``Tensor[heads, (2k-1)^2 + 1]`` bias table
+            (the relative position bias of each head, then ``-inf``): the ``-inf`` entry where the key is not in the
+            query's neighbourhood.
         outpos (Tensor[H*W]): slot of pixel ``(i, j)`` in the flattened ``nt*T*T`` tile outputs.
         (nt, TT, RR, Hp, Wp): sizes.
     """
@@ -185,6 +186,7 @@ def _tiled_plan(H, W, kernel_size: int, tile: int | None, device) -> tuple:
     allowed = (rows[2][:, None, :, None, :, None] & cols[2][None, :, None, :, None, :])  # ntr, ntc, Tr, Tc, Rr, Rc
     rel = rows[3][:, None, :, None, :, None] * side + cols[3][None, :, None, :, None, :]
     bias_index = torch.where(allowed, rel, side * side).reshape(ntr * ntc, Tr * Tc, Rr * Rc)
+    bias_index = bias_index + torch.arange(heads, device=device)[:, None, None, None] * (side * side + 1)
     out_r, out_c = rows[4], cols[4]  # slot t * T + a of every row / column
     outpos = ((out_r[:, None] // Tr) * ntc + out_c[None, :] // Tc) * (Tr * Tc) + (out_r[:, None] % Tr) * Tc \
         + out_c[None, :] % Tc  # H, W
@@ -193,11 +195,11 @@ def _tiled_plan(H, W, kernel_size: int, tile: int | None, device) -> tuple:
 
 
 @functools.lru_cache(maxsize=64)
-def _cached_tiled_plan(H: int, W: int, kernel_size: int, tile: int | None, device) -> tuple:
+def _cached_tiled_plan(H: int, W: int, kernel_size: int, tile: int | None, heads: int, device) -> tuple:
     """:func:`_tiled_plan` of plain-int sizes, kept: it depends on the sizes only. Built outside inference mode, so
     the index tensors can be saved for a later backward pass."""
     with torch.inference_mode(False):
-        return _tiled_plan(H, W, kernel_size, tile, device)
+        return _tiled_plan(H, W, kernel_size, tile, heads, device)
 
 
 def neighborhood_attention_tiled(
@@ -223,7 +225,8 @@ def neighborhood_attention_tiled(
     B, nH, H, W, hd = q.shape
     symbolic, tracing = is_symbolic(H, W), _tracing()
     plan = _tiled_plan if symbolic or tracing else _cached_tiled_plan  # index tensors depend on the sizes only
-    qpos, kpos, bias_index, outpos, (nt, TT, RR, Hp, Wp) = plan(H, W, kernel_size, tile, q.device)
+    heads = 1 if rpb is None else rpb.shape[0]
+    qpos, kpos, bias_index, outpos, (nt, TT, RR, Hp, Wp) = plan(H, W, kernel_size, tile, heads, q.device)
     if symbolic:  # the tiling of a traced dynamic size may reach past the map: pad to its extent
         pad = (0, 0, 0, Wp - W, 0, Hp - H)
         q, k, v = F.pad(q, pad), F.pad(k, pad), F.pad(v, pad)
@@ -238,8 +241,8 @@ def neighborhood_attention_tiled(
         table = q.new_zeros(1, (2 * kernel_size - 1) ** 2)
     else:
         table = rpb.to(q.dtype).flatten(1)  # nH, (2k-1)^2
-    table = torch.cat([table, table.new_full((table.shape[0], 1), float("-inf"))], 1)
-    bias = table[:, bias_index]  # nH or 1, nt, T*T, R*R
+    table = torch.cat([table, table.new_full((heads, 1), float("-inf"))], 1)  # nH or 1, (2k-1)^2 + 1
+    bias = table.take(bias_index)  # nH or 1, nt, T*T, R*R
     attn = qt @ kt.transpose(-2, -1)  # B, nH, nt, T*T, R*R
     attn.add_(bias)  # in place: the product's backward needs only its inputs
     if tracing or (torch.is_grad_enabled() and attn.requires_grad):
@@ -248,9 +251,10 @@ def neighborhood_attention_tiled(
         torch.softmax(attn, dim=-1, out=attn)
     attn = F.dropout(attn, p=attn_drop, training=training)
     out = (attn @ vt).view(B, nH, nt * TT, hd)  # B, nH, nt*T*T, hd
-    if not one_tile:
-        out = out.index_select(2, outpos)  # B, nH, H*W, hd
-    return out.view(B, nH, H, W, hd)
+    if one_tile:
+        return out.view(B, nH, H, W, hd)
+    # gathered pixel-major (B, H*W, nH, hd): the caller's merge of the heads is then a view
+    return out.transpose(1, 2).index_select(1, outpos).view(B, H, W, nH, hd).permute(0, 3, 1, 2, 4)
 
 
 def neighborhood_attention2d(
@@ -374,7 +378,8 @@ class NeighborhoodAttention2d(nn.Module):
         """Padded channels-last input ``Tensor[B, Hp, Wp, C]`` -> scaled q, k, v, each ``Tensor[B, nH, Hp, Wp, hd]``."""
         B, Hp, Wp, _ = x.shape
         qkv = self.qkv(x).reshape(B, Hp, Wp, 3, self.num_heads, self.head_dim).permute(3, 0, 4, 1, 2, 5)
-        q, k, v = qkv.unbind(0)  # B, nH, Hp, Wp, hd
+        # one copy into per-head planes: the backends gather whole hd-rows of contiguous maps
+        q, k, v = qkv.contiguous().unbind(0)  # B, nH, Hp, Wp, hd
         return q * self.scale, k, v
 
     def pad(self, x: Tensor) -> Tensor:
