@@ -24,7 +24,10 @@ run the input, ``"fast"``; an unknown name is a ``ValueError``); neither needs a
   It does ``(R / k)^2`` times the reference's multiply-adds (``T = k = 7``: 3.4x) but copies keys and values
   ``(R / T)^2`` times instead of ``k^2`` times, and matrix products beat the gathered einsum by far on CPU
   (benchmarks/RESULTS.md has the measured ratios). Masked keys get exactly zero
-  weight, so both backends compute the same sums (they differ by rounding only).
+  weight, so both backends compute the same sums (they differ by rounding only). Each of q, k, v is gathered once,
+  straight into the tile layout (``index_select`` on the flattened map, indices cached per size); the bias is one
+  ``take`` from the table with an appended ``-inf`` entry; the bias add (always) and the softmax (without autograd)
+  run in place; the output is gathered pixel-major, so merging the heads for ``proj`` is a view.
 """
 from __future__ import annotations
 
