@@ -164,7 +164,7 @@ def _tracing() -> bool:
 
 
 def _flat_positions(rows: Tensor, cols: Tensor, width) -> Tensor:
-    """Positions ``rows[nr, a] * width + cols[nc, b]`` in tile order ``(nr, nc, a, b)``, flattened: ``Tensor[nr*nc*a*b]``."""
+    """Positions ``rows[nr, a] * width + cols[nc, b]`` in tile order ``(nr, nc, a, b)``: ``Tensor[nr*nc*a*b]``."""
     return (rows[:, None, :, None] * width + cols[None, :, None, :]).reshape(-1)
 
 
