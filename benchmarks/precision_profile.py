@@ -9,6 +9,8 @@ Profiles one forward (torch.profiler, CPU, self time per op) per dtype and split
 The split bounds the bf16 speed-up (Amdahl): even with free matrix products, ``bf16 ≤ fp32 total / bf16 other``.
 
     python benchmarks/precision_profile.py --models dat_tiny,dat_pp_tiny --json benchmarks/results/precision_profile.json
+
+Times are per forward, averaged over ``--repeats`` profiled forwards (a shared machine's load moves single runs).
 """
 from __future__ import annotations
 
@@ -49,7 +51,8 @@ def _timed(fn) -> float:
     return time.perf_counter() - t
 
 
-def profile_model(torch, create_model, name: str, batch: int, img: int) -> dict:
+def profile_model(torch, create_model, name: str, batch: int, img: int, repeats: int = 1) -> dict:
+    """Self CPU time per op of ``repeats`` profiled forwards (per forward), float32 and bfloat16 weights."""
     from torch.profiler import ProfilerActivity, profile
 
     base = create_model(name).eval()
@@ -60,19 +63,25 @@ def profile_model(torch, create_model, name: str, batch: int, img: int) -> dict:
         with torch.inference_mode():
             m(xin)  # warm-up
             with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
-                m(xin)
+                for _ in range(repeats):
+                    m(xin)
         split: dict[str, float] = defaultdict(float)
         ops: dict[str, float] = defaultdict(float)
         for ev in prof.key_averages(group_by_input_shape=True):
-            ms = ev.self_cpu_time_total / 1e3
+            ms = ev.self_cpu_time_total / 1e3 / repeats
             cat = _category(ev.key, ev.input_shapes)
             split[cat] += ms
             ops[f"{cat}: {ev.key}"] += ms
         total = sum(split.values())
         top = sorted(ops.items(), key=lambda kv: -kv[1])[:12]
         out[label] = {"total_ms": total, "matmul_ms": split["matmul"], "other_ms": split["other"],
-                      "other_share": split["other"] / total, "top_ops_ms": dict(top)}
+                      "other_share": split["other"] / total, "top_ops_ms": dict(top), "ops_ms": dict(ops)}
     f32, b16 = out["fp32"], out["bf16"]
+    # the non-matmul ops side by side: which of them bfloat16 does not speed up
+    others = sorted((k for k in b16["ops_ms"] if k.startswith("other: ")), key=lambda k: -b16["ops_ms"][k])[:10]
+    out["other_ops_fp32_bf16_ms"] = {k[len("other: "):]: [f32["ops_ms"].get(k, 0.0), b16["ops_ms"][k]] for k in others}
+    for d in (f32, b16):
+        del d["ops_ms"]
     out["speedup"] = f32["total_ms"] / b16["total_ms"]
     out["matmul_speedup"] = f32["matmul_ms"] / b16["matmul_ms"]
     out["other_speedup"] = f32["other_ms"] / b16["other_ms"]
@@ -86,6 +95,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=3, help="profiled forwards per dtype (times are per forward)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     import torch
@@ -100,18 +110,20 @@ def main(argv=None) -> int:
               "command": "python benchmarks/precision_profile.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "machine": {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "threads": args.threads,
                           "matmul1024_gflops": rates, "loadavg_1m": os.getloadavg()[0]},
-              "settings": {"batch": args.batch, "img_size": args.img_size}, "models": {}}
+              "settings": {"batch": args.batch, "img_size": args.img_size, "repeats": args.repeats}, "models": {}}
     print(f"{cpu}; 1024² matmul fp32 {rates['fp32']:.0f} GFLOP/s, bf16 {rates['bf16']:.0f} GFLOP/s")
     print("| model | dtype | total ms | matmul ms | other ms | other share |")
     print("|---|---|---:|---:|---:|---:|")
     for name in [m for m in args.models.split(",") if m]:
-        r = report["models"][name] = profile_model(torch, create_model, name, args.batch, args.img_size)
+        r = report["models"][name] = profile_model(torch, create_model, name, args.batch, args.img_size, args.repeats)
         for d in ("fp32", "bf16"):
             print(f"| {name} | {d} | {r[d]['total_ms']:.0f} | {r[d]['matmul_ms']:.0f} | {r[d]['other_ms']:.0f} "
                   f"| {r[d]['other_share']:.0%} |")
         print(f"  {name}: bf16 × fp32 {r['speedup']:.2f} (matmul {r['matmul_speedup']:.2f}, other "
               f"{r['other_speedup']:.2f}); bound with free matmul {r['bound_free_matmul']:.2f}")
         print("  top bf16 ops:", ", ".join(f"{k} {v:.0f} ms" for k, v in list(r["bf16"]["top_ops_ms"].items())[:8]))
+        print("  non-matmul ops, fp32 -> bf16 ms:", ", ".join(
+            f"{k} {a:.0f} -> {b:.0f}" for k, (a, b) in r["other_ops_fp32_bf16_ms"].items()))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         tmp = args.json.with_suffix(".tmp")

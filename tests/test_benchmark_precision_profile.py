@@ -44,6 +44,9 @@ def test_small_run_writes_a_consistent_report(tmp_path):
         assert 0 < r[d]["other_share"] < 1
     assert abs(r["speedup"] - r["fp32"]["total_ms"] / r["bf16"]["total_ms"]) < 1e-9
     assert r["bound_free_matmul"] >= r["speedup"]
+    side = r["other_ops_fp32_bf16_ms"]
+    assert side and all(not k.startswith(("other: ", "matmul: ")) and b > 0 for k, (a, b) in side.items())
+    assert sum(b for _, b in side.values()) <= r["bf16"]["other_ms"] * (1 + 1e-9)
 
 
 def _readme_section(title: str) -> str:

@@ -160,6 +160,27 @@ def test_fast_matches_reference(B, H, W, k, heads, dtype):
         assert (fast - ref).abs().max().item() <= tol if fast.numel() else fast.shape == ref.shape
 
 
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_fast_without_autograd_then_with(mode):
+    """The fast path's no-autograd branch (softmax in place) equals the reference, and a training step at the same
+    size afterwards (tiling indices cached by the first call) backpropagates into the input and the bias."""
+    torch.manual_seed(0)
+    m = NeighborhoodAttention2d(12, 5, 3)
+    with torch.no_grad():
+        m.rpb.normal_()
+    x = torch.randn(2, 12, 19, 23)  # a size no other test uses: the first call builds the cached tiling
+    ctx = torch.no_grad() if mode == "no_grad" else torch.inference_mode()
+    with ctx:
+        m.backend = "reference"
+        ref = m(x)
+        m.backend = "fast"
+        fast = m(x)
+    assert (fast - ref).abs().max().item() <= 2e-5
+    xi = x.clone().requires_grad_(True)
+    m(xi).square().sum().backward()
+    assert xi.grad is not None and m.rpb.grad is not None and m.rpb.grad.abs().sum() > 0
+
+
 def test_fast_under_autocast_bf16():
     torch.manual_seed(0)
     m = NeighborhoodAttention2d(16, 7, 2)

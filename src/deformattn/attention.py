@@ -306,7 +306,7 @@ class DeformableAttention2d(nn.Module):
         out = backend(
             qh, k, v, pos, bias, H=H, W=W, scale=self.scale, attn_drop=self.attn_drop, training=self.training
         )  # B, nH, H*W, hc
-        out = out.transpose(-1, -2).reshape(B, C, H, W)
+        out = out.transpose(1, 2).reshape(B, H, W, C).permute(0, 3, 1, 2)  # channels_last, as the blocks' maps
         if self.pos_bias == "dwc":
             out = out + self.rpe_table(q)
         y = F.dropout(self.proj_out(out), p=self.proj_drop, training=self.training)

@@ -24,9 +24,14 @@ run the input, ``"fast"``; an unknown name is a ``ValueError``); neither needs a
   It does ``(R / k)^2`` times the reference's multiply-adds (``T = k = 7``: 3.4x) but copies keys and values
   ``(R / T)^2`` times instead of ``k^2`` times, and matrix products beat the gathered einsum by far on CPU
   (benchmarks/RESULTS.md has the measured ratios). Masked keys get exactly zero
-  weight, so both backends compute the same sums (they differ by rounding only).
+  weight, so both backends compute the same sums (they differ by rounding only). Each of q, k, v is gathered once,
+  straight into the tile layout (``index_select`` on the flattened map, indices cached per size); the bias is one
+  ``take`` from the table with an appended ``-inf`` entry; the bias add (always) and the softmax (without autograd)
+  run in place; the output is gathered pixel-major, so merging the heads for ``proj`` is a view.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn as nn
@@ -153,28 +158,51 @@ def neighborhood_tiles(length: int, kernel_size: int, tile: int | None = None, d
     return query, key, valid, rel, t * T + (i - first[t])
 
 
-def _tiled_bias(rpb: Tensor | None, rows, cols, dtype) -> Tensor:
-    """Additive bias of every tile, ``Tensor[nH or 1, nt, T*T, R*R]``: the rpb entry where allowed, else -inf."""
-    _, _, valid_r, rel_r, _ = rows
-    _, _, valid_c, rel_c, _ = cols
-    ntr, Tr, Rr = valid_r.shape
-    ntc, Tc, Rc = valid_c.shape
-    allowed = valid_r[:, :, :, None, None, None] & valid_c[None, None, None]  # ntr, Tr, Rr, ntc, Tc, Rc
-    if rpb is None:
-        bias = torch.zeros((1,) + allowed.shape, device=allowed.device, dtype=dtype)
-    else:
-        bias = rpb.to(dtype)[:, rel_r[:, :, :, None, None, None], rel_c[None, None, None]]  # nH, ntr, Tr, Rr, ntc, Tc, Rc
-    bias = bias.masked_fill(~allowed, float("-inf"))
-    # nH, ntr, ntc, Tr, Tc, Rr, Rc -> nH, nt, T*T, R*R
-    return bias.permute(0, 1, 4, 2, 5, 3, 6).reshape(bias.shape[0], ntr * ntc, Tr * Tc, Rr * Rc)
+def _tracing() -> bool:
+    """True while a graph is captured (TorchScript tracing, ONNX export, ``torch.export`` / ``compile``)."""
+    return bool(torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling())
 
 
-def _tiles(t: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
-    """``Tensor[B, nH, H, W, hd]`` at tile positions ``rows[nr, a]``, ``cols[nc, b]`` -> ``Tensor[B, nH, nr*nc, a*b, hd]``."""
-    B, nH, hd = t.shape[0], t.shape[1], t.shape[-1]
-    g = t[:, :, rows[:, :, None, None], cols[None, None]]  # B, nH, nr, a, nc, b, hd
-    n = rows.shape[1] * cols.shape[1]  # explicit (not -1): B may be 0
-    return g.permute(0, 1, 2, 4, 3, 5, 6).reshape(B, nH, rows.shape[0] * cols.shape[0], n, hd)
+def _flat_positions(rows: Tensor, cols: Tensor, width) -> Tensor:
+    """Positions ``rows[nr, a] * width + cols[nc, b]`` in tile order ``(nr, nc, a, b)``: ``Tensor[nr*nc*a*b]``."""
+    return (rows[:, None, :, None] * width + cols[None, :, None, :]).reshape(-1)
+
+
+def _tiled_plan(H, W, kernel_size: int, tile: int | None, heads: int, device) -> tuple:
+    """Gather indices of the fast backend on a map of ``H x W`` queries (positions in the map padded to the tiling's
+    extent ``Hp x Wp``: ``Hp = H`` for a plain-int size, see :func:`neighborhood_tiles`).
+
+    Returns:
+        qpos (Tensor[nt*T*T]), kpos (Tensor[nt*R*R]): flattened map positions of every tile's queries / keys.
+        bias_index (Tensor[heads, nt, T*T, R*R]): flat index into the ``Tensor[heads, (2k-1)^2 + 1]`` bias table
+            (the relative position bias of each head, then ``-inf``): the ``-inf`` entry where the key is not in the
+            query's neighbourhood.
+        outpos (Tensor[H*W]): slot of pixel ``(i, j)`` in the flattened ``nt*T*T`` tile outputs.
+        (nt, TT, RR, Hp, Wp): sizes.
+    """
+    rows = neighborhood_tiles(H, kernel_size, tile, device)
+    cols = neighborhood_tiles(W, kernel_size, tile, device)
+    (ntr, Tr), (ntc, Tc) = rows[0].shape, cols[0].shape
+    Rr, Rc = rows[1].shape[1], cols[1].shape[1]
+    Hp, Wp = sym_max(H, Rr), sym_max(W, Rc)
+    side = 2 * kernel_size - 1
+    allowed = (rows[2][:, None, :, None, :, None] & cols[2][None, :, None, :, None, :])  # ntr, ntc, Tr, Tc, Rr, Rc
+    rel = rows[3][:, None, :, None, :, None] * side + cols[3][None, :, None, :, None, :]
+    bias_index = torch.where(allowed, rel, side * side).reshape(ntr * ntc, Tr * Tc, Rr * Rc)
+    bias_index = bias_index + torch.arange(heads, device=device)[:, None, None, None] * (side * side + 1)
+    out_r, out_c = rows[4], cols[4]  # slot t * T + a of every row / column
+    outpos = ((out_r[:, None] // Tr) * ntc + out_c[None, :] // Tc) * (Tr * Tc) + (out_r[:, None] % Tr) * Tc \
+        + out_c[None, :] % Tc  # H, W
+    qpos, kpos = _flat_positions(rows[0], cols[0], Wp), _flat_positions(rows[1], cols[1], Wp)
+    return qpos, kpos, bias_index, outpos.reshape(-1), (ntr * ntc, Tr * Tc, Rr * Rc, Hp, Wp)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_tiled_plan(H: int, W: int, kernel_size: int, tile: int | None, heads: int, device) -> tuple:
+    """:func:`_tiled_plan` of plain-int sizes, kept: it depends on the sizes only. Built outside inference mode, so
+    the index tensors can be saved for a later backward pass."""
+    with torch.inference_mode(False):
+        return _tiled_plan(H, W, kernel_size, tile, heads, device)
 
 
 def neighborhood_attention_tiled(
@@ -198,21 +226,38 @@ def neighborhood_attention_tiled(
         Tensor[B, nH, H, W, hd]
     """
     B, nH, H, W, hd = q.shape
-    rows = neighborhood_tiles(H, kernel_size, tile, q.device)
-    cols = neighborhood_tiles(W, kernel_size, tile, q.device)
-    if is_symbolic(H, W):  # the tiling of a traced dynamic size may reach past the map: pad to its extent
-        pad = (0, 0, 0, sym_max(W, cols[1].shape[1]) - W, 0, sym_max(H, rows[1].shape[1]) - H)
+    symbolic, tracing = is_symbolic(H, W), _tracing()
+    plan = _tiled_plan if symbolic or tracing else _cached_tiled_plan  # index tensors depend on the sizes only
+    heads = 1 if rpb is None else rpb.shape[0]
+    qpos, kpos, bias_index, outpos, (nt, TT, RR, Hp, Wp) = plan(H, W, kernel_size, tile, heads, q.device)
+    if symbolic:  # the tiling of a traced dynamic size may reach past the map: pad to its extent
+        pad = (0, 0, 0, Wp - W, 0, Hp - H)
         q, k, v = F.pad(q, pad), F.pad(k, pad), F.pad(v, pad)
-    qt = _tiles(q, rows[0], cols[0])  # B, nH, nt, T*T, hd
-    kt = _tiles(k, rows[1], cols[1])  # B, nH, nt, R*R, hd
-    vt = _tiles(v, rows[1], cols[1])  # B, nH, nt, R*R, hd
-    attn = qt @ kt.transpose(-2, -1) + _tiled_bias(rpb, rows, cols, q.dtype)  # B, nH, nt, T*T, R*R
-    attn = F.dropout(attn.softmax(dim=-1), p=attn_drop, training=training)
-    out = attn @ vt  # B, nH, nt, T*T, hd
-    ntr, Tr = rows[0].shape
-    ntc, Tc = cols[0].shape
-    out = out.reshape(B, nH, ntr, ntc, Tr, Tc, hd).transpose(3, 4).reshape(B, nH, ntr * Tr, ntc * Tc, hd)
-    return out[:, :, rows[4]][:, :, :, cols[4]]  # B, nH, H, W, hd
+    one_tile = not symbolic and nt == 1 and TT == RR == H * W  # the tile is the map: no gathers
+    # B, nH, nt, T*T or R*R, hd (one gather each, straight into the tile layout)
+    qt, kt, vt = (
+        t.flatten(2, 3).view(B, nH, 1, H * W, hd) if one_tile
+        else t.flatten(2, 3).index_select(2, pos).view(B, nH, nt, n, hd)
+        for t, pos, n in ((q, qpos, TT), (k, kpos, RR), (v, kpos, RR))
+    )
+    if rpb is None:
+        table = q.new_zeros(1, (2 * kernel_size - 1) ** 2)
+    else:
+        table = rpb.to(q.dtype).flatten(1)  # nH, (2k-1)^2
+    table = torch.cat([table, table.new_full((heads, 1), float("-inf"))], 1)  # nH or 1, (2k-1)^2 + 1
+    bias = table.take(bias_index)  # nH or 1, nt, T*T, R*R
+    attn = qt @ kt.transpose(-2, -1)  # B, nH, nt, T*T, R*R
+    attn.add_(bias)  # in place: the product's backward needs only its inputs
+    if tracing or (torch.is_grad_enabled() and attn.requires_grad):
+        attn = attn.softmax(dim=-1)
+    else:  # no autograd: the row-wise softmax may overwrite its input (saves a full-size buffer)
+        torch.softmax(attn, dim=-1, out=attn)
+    attn = F.dropout(attn, p=attn_drop, training=training)
+    out = (attn @ vt).view(B, nH, nt * TT, hd)  # B, nH, nt*T*T, hd
+    if one_tile:
+        return out.view(B, nH, H, W, hd)
+    # gathered pixel-major (B, H*W, nH, hd): the caller's merge of the heads is then a view
+    return out.transpose(1, 2).index_select(1, outpos).view(B, H, W, nH, hd).permute(0, 3, 1, 2, 4)
 
 
 def neighborhood_attention2d(
@@ -336,7 +381,8 @@ class NeighborhoodAttention2d(nn.Module):
         """Padded channels-last input ``Tensor[B, Hp, Wp, C]`` -> scaled q, k, v, each ``Tensor[B, nH, Hp, Wp, hd]``."""
         B, Hp, Wp, _ = x.shape
         qkv = self.qkv(x).reshape(B, Hp, Wp, 3, self.num_heads, self.head_dim).permute(3, 0, 4, 1, 2, 5)
-        q, k, v = qkv.unbind(0)  # B, nH, Hp, Wp, hd
+        # one copy into per-head planes: the backends gather whole hd-rows of contiguous maps
+        q, k, v = qkv.contiguous().unbind(0)  # B, nH, Hp, Wp, hd
         return q * self.scale, k, v
 
     def pad(self, x: Tensor) -> Tensor:

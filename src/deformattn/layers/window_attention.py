@@ -190,24 +190,28 @@ class WindowAttention(nn.Module):
         ws, s, nH, hd = self.window_size, self.shift_size, self.num_heads, self.head_dim
         mask = self._mask(H, W, x)
         Hp, Wp = ceil_div(H, ws) * ws, ceil_div(W, ws) * ws
+        # channels-last throughout (a view of the blocks' channels_last maps; the output is one as well, so the
+        # residual add that follows does not convert layouts)
+        x = x.permute(0, 2, 3, 1)  # B, H, W, C
         if is_symbolic(H, W) or Hp != H or Wp != W:
-            x = F.pad(x, (0, Wp - W, 0, Hp - H))
+            x = F.pad(x, (0, 0, 0, Wp - W, 0, Hp - H))
         if s:
-            x = torch.roll(x, shifts=(-s, -s), dims=(2, 3))
+            x = torch.roll(x, shifts=(-s, -s), dims=(1, 2))
         r1, r2 = Hp // ws, Wp // ws
         nW, N = r1 * r2, ws * ws
-        windows = x.reshape(B, C, r1, ws, r2, ws).permute(0, 2, 4, 3, 5, 1).reshape(B * nW, N, C)  # B*nW, N, C
+        windows = x.reshape(B, r1, ws, r2, ws, C).transpose(2, 3).reshape(B * nW, N, C)  # B*nW, N, C
         qkv = self.proj_qkv(windows).reshape(B * nW, N, 3, nH, hd).permute(2, 0, 3, 1, 4)  # 3, B*nW, nH, N, hd
         q, k, v = qkv.unbind(0)
         attn = (q * self.scale) @ k.transpose(-2, -1)  # B*nW, nH, N, N
-        attn = attn + self.relative_position_bias().unsqueeze(0)
-        if mask is not None:
-            # explicit nW (not -1): B may be 0
-            attn = (attn.reshape(B, nW, nH, N, N) + mask.reshape(1, nW, 1, N, N)).reshape(B * nW, nH, N, N)
+        bias = self.relative_position_bias()  # nH, N, N
+        if mask is None:
+            attn = attn + bias
+        else:  # bias and mask in one pass over the logits; explicit nW (not -1): B may be 0
+            attn = (attn.view(B, nW, nH, N, N) + (bias + mask.reshape(nW, 1, N, N))).view(B * nW, nH, N, N)
         attn = F.dropout(attn.softmax(dim=-1), p=self.attn_drop, training=self.training)
         out = (attn @ v).transpose(1, 2).reshape(B * nW, N, C)  # B*nW, N, C
         out = F.dropout(self.proj_out(out), p=self.proj_drop, training=self.training)
-        out = out.reshape(B, r1, r2, ws, ws, C).permute(0, 5, 1, 3, 2, 4).reshape(B, C, Hp, Wp)  # B, C, Hp, Wp
+        out = out.reshape(B, r1, r2, ws, ws, C).transpose(2, 3).reshape(B, Hp, Wp, C)  # B, Hp, Wp, C
         if s:
-            out = torch.roll(out, shifts=(s, s), dims=(2, 3))
-        return out[:, :, :H, :W]
+            out = torch.roll(out, shifts=(s, s), dims=(1, 2))
+        return out[:, :H, :W].permute(0, 3, 1, 2)  # B, C, H, W (channels_last strides)
