@@ -28,12 +28,14 @@ run the input, ``"fast"``; an unknown name is a ``ValueError``); neither needs a
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._shapes import ceil_div, is_symbolic, sym_max
+from .._shapes import ceil_div, is_symbolic, shared, sym_max
 from .._utils import check_float, check_image_tensor, check_int
 from ..backends.dispatch import Problem, check_backend_name, register_backend, select_backend
 
@@ -44,6 +46,8 @@ __all__ = [
     "na2d_av",
     "neighborhood_attention2d",
     "neighborhood_tiles",
+    "tile_plan",
+    "TilePlan",
     "neighborhood_attention_tiled",
     "NEIGHBORHOOD_OP",
 ]
@@ -153,28 +157,43 @@ def neighborhood_tiles(length: int, kernel_size: int, tile: int | None = None, d
     return query, key, valid, rel, t * T + (i - first[t])
 
 
-def _tiled_bias(rpb: Tensor | None, rows, cols, dtype) -> Tensor:
-    """Additive bias of every tile, ``Tensor[nH or 1, nt, T*T, R*R]``: the rpb entry where allowed, else -inf."""
-    _, _, valid_r, rel_r, _ = rows
-    _, _, valid_c, rel_c, _ = cols
-    ntr, Tr, Rr = valid_r.shape
-    ntc, Tc, Rc = valid_c.shape
-    allowed = valid_r[:, :, :, None, None, None] & valid_c[None, None, None]  # ntr, Tr, Rr, ntc, Tc, Rc
-    if rpb is None:
-        bias = torch.zeros((1,) + allowed.shape, device=allowed.device, dtype=dtype)
-    else:
-        bias = rpb.to(dtype)[:, rel_r[:, :, :, None, None, None], rel_c[None, None, None]]  # nH, ntr, Tr, Rr, ntc, Tc, Rc
-    bias = bias.masked_fill(~allowed, float("-inf"))
-    # nH, ntr, ntc, Tr, Tc, Rr, Rc -> nH, nt, T*T, R*R
-    return bias.permute(0, 1, 4, 2, 5, 3, 6).reshape(bias.shape[0], ntr * ntc, Tr * Tc, Rr * Rc)
+class TilePlan(NamedTuple):
+    """The fast backend's tiling of an ``H x W`` map as flat indices (sizes only, no parameters): built once per
+    stage and shared by its blocks (:func:`deformattn._shapes.shared`).
+
+    ``Hp x Wp`` is the map the indices address: ``H x W``, or for a symbolic size the map padded to the tiling's
+    extent (see :func:`neighborhood_tiles`). Tiles are ordered row-major, queries and keys within a tile too.
+    """
+
+    query_index: Tensor  # [nt*T*T]: flat position (row * Wp + col) of every tile's queries
+    key_index: Tensor  # [nt*R*R]: flat position of every tile's key region
+    bias_index: Tensor  # [nt, T*T, R*R]: flat index into the (2k-1)^2 bias table (clamped where blocked)
+    blocked: Tensor  # [nt, T*T, R*R] bool: the key is not in the query's neighbourhood
+    out_index: Tensor  # [H*W]: where query (i, j)'s result is among the nt*T*T tile outputs
+    padded: tuple  # (Hp, Wp)
 
 
-def _tiles(t: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
-    """``Tensor[B, nH, H, W, hd]`` at tile positions ``rows[nr, a]``, ``cols[nc, b]`` -> ``Tensor[B, nH, nr*nc, a*b, hd]``."""
-    B, nH, hd = t.shape[0], t.shape[1], t.shape[-1]
-    g = t[:, :, rows[:, :, None, None], cols[None, None]]  # B, nH, nr, a, nc, b, hd
-    n = rows.shape[1] * cols.shape[1]  # explicit (not -1): B may be 0
-    return g.permute(0, 1, 2, 4, 3, 5, 6).reshape(B, nH, rows.shape[0] * cols.shape[0], n, hd)
+def tile_plan(H: int, W: int, kernel_size: int, tile: int | None = None, device=None) -> TilePlan:
+    """:class:`TilePlan` of an ``H x W`` map (``H, W >= kernel_size``) from the per-axis :func:`neighborhood_tiles`."""
+    q_r, key_r, valid_r, rel_r, out_r = neighborhood_tiles(H, kernel_size, tile, device)
+    q_c, key_c, valid_c, rel_c, out_c = neighborhood_tiles(W, kernel_size, tile, device)
+    (ntr, Tr), (ntc, Tc) = q_r.shape, q_c.shape
+    Rr, Rc = key_r.shape[1], key_c.shape[1]
+    Hp, Wp = (sym_max(H, Rr), sym_max(W, Rc)) if is_symbolic(H, W) else (H, W)
+
+    def pairs(a: Tensor, b: Tensor) -> Tensor:  # [ntr, Ar], [ntc, Ac] -> [ntr, ntc, Ar, Ac]: a * Wp + b
+        return a[:, None, :, None] * Wp + b[None, :, None, :]
+
+    nt, TT, RR = ntr * ntc, Tr * Tc, Rr * Rc
+    n_rel = 2 * kernel_size - 1
+    # [ntr, Tr, Rr] x [ntc, Tc, Rc] -> [ntr, ntc, Tr, Tc, Rr, Rc] -> [nt, T*T, R*R]
+    bias_index = (rel_r[:, None, :, None, :, None] * n_rel + rel_c[None, :, None, :, None, :]).reshape(nt, TT, RR)
+    allowed = (valid_r[:, None, :, None, :, None] & valid_c[None, :, None, :, None, :]).reshape(nt, TT, RR)
+    tr, a = out_r // Tr, out_r % Tr  # H: tile row and row within it of every query row
+    tc, b = out_c // Tc, out_c % Tc  # W
+    out_index = (((tr[:, None] * ntc + tc[None, :]) * Tr + a[:, None]) * Tc + b[None, :]).reshape(H * W)
+    return TilePlan(pairs(q_r, q_c).reshape(nt * TT), pairs(key_r, key_c).reshape(nt * RR), bias_index, ~allowed,
+                    out_index, (Hp, Wp))
 
 
 def neighborhood_attention_tiled(
@@ -198,21 +217,26 @@ def neighborhood_attention_tiled(
         Tensor[B, nH, H, W, hd]
     """
     B, nH, H, W, hd = q.shape
-    rows = neighborhood_tiles(H, kernel_size, tile, q.device)
-    cols = neighborhood_tiles(W, kernel_size, tile, q.device)
+    plan = shared(("neighborhood_tiles", H, W, kernel_size, tile, q.device),
+                  lambda: tile_plan(H, W, kernel_size, tile, q.device))
+    Hp, Wp = plan.padded
     if is_symbolic(H, W):  # the tiling of a traced dynamic size may reach past the map: pad to its extent
-        pad = (0, 0, 0, sym_max(W, cols[1].shape[1]) - W, 0, sym_max(H, rows[1].shape[1]) - H)
+        pad = (0, 0, 0, Wp - W, 0, Hp - H)
         q, k, v = F.pad(q, pad), F.pad(k, pad), F.pad(v, pad)
-    qt = _tiles(q, rows[0], cols[0])  # B, nH, nt, T*T, hd
-    kt = _tiles(k, rows[1], cols[1])  # B, nH, nt, R*R, hd
-    vt = _tiles(v, rows[1], cols[1])  # B, nH, nt, R*R, hd
-    attn = qt @ kt.transpose(-2, -1) + _tiled_bias(rpb, rows, cols, q.dtype)  # B, nH, nt, T*T, R*R
+    nt, TT, RR = plan.bias_index.shape
+    qt = q.reshape(B, nH, Hp * Wp, hd).index_select(2, plan.query_index).reshape(B, nH, nt, TT, hd)
+    kt = k.reshape(B, nH, Hp * Wp, hd).index_select(2, plan.key_index).reshape(B, nH, nt, RR, hd)
+    vt = v.reshape(B, nH, Hp * Wp, hd).index_select(2, plan.key_index).reshape(B, nH, nt, RR, hd)
+    if rpb is None:
+        bias = torch.zeros(1, nt, TT, RR, device=q.device, dtype=q.dtype)
+    else:
+        table = rpb if rpb.dtype == q.dtype else rpb.to(q.dtype)
+        bias = table.reshape(rpb.shape[0], -1)[:, plan.bias_index]  # nH, nt, T*T, R*R
+    bias = bias.masked_fill(plan.blocked, float("-inf"))  # the rpb entry where allowed, else -inf
+    attn = qt @ kt.transpose(-2, -1) + bias  # B, nH, nt, T*T, R*R
     attn = F.dropout(attn.softmax(dim=-1), p=attn_drop, training=training)
-    out = attn @ vt  # B, nH, nt, T*T, hd
-    ntr, Tr = rows[0].shape
-    ntc, Tc = cols[0].shape
-    out = out.reshape(B, nH, ntr, ntc, Tr, Tc, hd).transpose(3, 4).reshape(B, nH, ntr * Tr, ntc * Tc, hd)
-    return out[:, :, rows[4]][:, :, :, cols[4]]  # B, nH, H, W, hd
+    out = (attn @ vt).reshape(B, nH, nt * TT, hd)  # B, nH, nt*T*T, hd
+    return out.index_select(2, plan.out_index).reshape(B, nH, H, W, hd)
 
 
 def neighborhood_attention2d(
