@@ -196,20 +196,23 @@ def grid_sample_gather(input: Tensor, grid: Tensor) -> Tensor:
     Ho, Wo = grid.shape[1:3]
     acc = coord_dtype(torch.promote_types(input.dtype, grid.dtype))
     grid = _to(grid, acc)
-    # the four taps as one gather: per axis the two taps (floor, floor + 1), their weights (zero outside the map)
-    # and clamped positions, then the 2 x 2 combinations (tap order (y0, x0), (y0, x1), (y1, x0), (y1, x1))
-    step = torch.arange(2, dtype=acc, device=input.device)  # 0, 1
-    ix = (grid[..., 0:1] + 1.0) * (0.5 * (W - 1))  # N, Ho, Wo, 1 (pixel coordinates)
-    iy = (grid[..., 1:2] + 1.0) * (0.5 * (H - 1))
+    ix = (grid[..., 0] + 1.0) * (0.5 * (W - 1))  # N, Ho, Wo (pixel coordinates)
+    iy = (grid[..., 1] + 1.0) * (0.5 * (H - 1))
     x0, y0 = torch.floor(ix), torch.floor(iy)
-    xs, ys = x0 + step, y0 + step  # N, Ho, Wo, 2
-    wx = torch.where((xs >= 0) & (xs <= W - 1), (1.0 - step) + (2.0 * step - 1.0) * (ix - x0), 0.0)  # 1 - f, f
-    wy = torch.where((ys >= 0) & (ys <= H - 1), (1.0 - step) + (2.0 * step - 1.0) * (iy - y0), 0.0)
-    idx = ys.clamp(0, H - 1)[..., :, None] * W + xs.clamp(0, W - 1)[..., None, :]  # N, Ho, Wo, 2, 2
-    weight = (wy[..., :, None] * wx[..., None, :]).reshape(N, 1, Ho * Wo, 4)
-    idx = idx.to(torch.int64).reshape(N, 1, Ho * Wo * 4)
-    taps = torch.gather(input.reshape(N, C, H * W), 2, idx.expand(N, C, Ho * Wo * 4))  # N, C, Ho*Wo*4
-    out = (_to(taps, acc).reshape(N, C, Ho * Wo, 4) * weight).sum(-1)  # N, C, Ho*Wo
+    wx1, wy1 = ix - x0, iy - y0
+    # per axis once (not per tap): each tap's clamped position and its weight, zero outside the map
+    xs, ys = [], []
+    for p0, w1, size, out_list in ((x0, wx1, W, xs), (y0, wy1, H, ys)):
+        for d, w in ((0, 1.0 - w1), (1, w1)):
+            p = p0 + d
+            inside = (p >= 0) & (p <= size - 1)
+            out_list.append((p.clamp(0, size - 1), torch.where(inside, w, 0.0)))
+    flat = input.reshape(N, C, H * W)
+    out = torch.zeros(N, C, Ho * Wo, dtype=acc, device=input.device)
+    for yi, wy in ys:
+        for xi, wx in xs:
+            idx = (yi * W + xi).to(torch.int64).reshape(N, 1, Ho * Wo)
+            out = out + _to(torch.gather(flat, 2, idx.expand(N, C, Ho * Wo)), acc) * (wx * wy).reshape(N, 1, Ho * Wo)
     return _to(out.reshape(N, C, Ho, Wo), input.dtype)
 
 
