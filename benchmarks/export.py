@@ -16,7 +16,7 @@ What is measured, per batch size (``images/s = batch / median wall time of one f
 * ``onnxruntime``: the file of ``deformattn.export.export_model(model, "onnx", dynamic="batch")`` (torch.export +
   torch.onnx.export(dynamo=True), opset 18, gather sampler: no GridSample node; verified against PyTorch at export)
   in an ``InferenceSession`` on the CPU execution provider, all graph optimisations, ``intra_op_num_threads`` =
-  ``--threads``. One file serves every batch size. The export time (about 2 min for dat_pp_tiny on two shared cores) is
+  ``--threads``. One file serves every batch size. The export time (RESULTS.md has it) is
   reported apart; ``--onnx FILE --reuse-onnx`` times an earlier export again.
 
 Every runtime gets the same random input per batch size (fixed seed); its output is compared with eager's (max abs

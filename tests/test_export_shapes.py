@@ -126,3 +126,68 @@ def test_symbolic_branches_deformable_attention(version):
     m = DeformableAttention2d(16, 4, offset_groups=2, stride=2, q_size=12, pos_bias="table", version=version,
                               offset_range_factor=2.0 if version == "v1" else -1.0, sampler="gather").eval()
     _compiled_matches_eager(m, [(2, 16, 9, 13), (1, 16, 17, 6), (1, 16, 2, 3)])
+
+
+def test_shared_computes_once_per_scope_and_not_outside():
+    """``shared``: one computation per key inside a ``shared_sizes`` scope (nested scopes have their own cache),
+    a fresh one every call outside."""
+    from deformattn._shapes import shared, shared_sizes
+
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return torch.arange(len(calls))
+
+    shared(("grid", 3), compute)
+    shared(("grid", 3), compute)
+    assert len(calls) == 2
+    with shared_sizes():
+        a, b = shared(("grid", 3), compute), shared(("grid", 3), compute)
+        c = shared(("grid", 4), compute)
+        with shared_sizes():
+            d = shared(("grid", 3), compute)
+        assert shared(("grid", 3), compute) is a
+    assert a is b and c is not a and d is not a and len(calls) == 5
+
+
+class _BlocksOnly(torch.nn.Module):
+    """A stage's blocks run without the stage's shared-sizes scope."""
+
+    def __init__(self, stage: torch.nn.Module):
+        super().__init__()
+        self.stage = stage
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stage._blocks(x)
+
+
+def test_stage_shares_the_tile_plan_between_blocks(monkeypatch):
+    """While a graph is captured (torch.export), a stage's neighborhood blocks get one tile plan (built by the first
+    block), and the exported stage equals blocks that each build their own (outside any scope) and the eager stage."""
+    import deformattn.layers.neighborhood_attention as na
+    from deformattn.models.dat import DAT
+
+    torch.manual_seed(0)
+    model = DAT(version="pp", img_size=32, num_classes=10, patch_size=2, conv_stem=False, dims=(24, 48, 96, 192),
+                stage_spec=("NNN", "ND", "ND", "D"), num_heads=(1, 2, 4, 8), nat_kernel_sizes=(5, 5, 3, 3),
+                offset_groups=(1, 1, 2, 4), strides=(4, 2, 1, 1), offset_kernel_sizes=(7, 5, 3, 3)).eval()
+    x = torch.randn(2, 3, 41, 53, generator=torch.Generator().manual_seed(1))
+    plans = []
+    original = na.tile_plan
+    monkeypatch.setattr(na, "tile_plan", lambda *a, **k: plans.append(a[:2]) or original(*a, **k))
+    stage = model.stages[0]
+    with torch.no_grad():
+        feats = model.patch_proj(x)
+        na._cached_tiled_plan.cache_clear()
+        eager = stage(feats)
+        stage(feats)
+        assert len(plans) == 1  # eager calls build the plan once per size and keep it
+        plans.clear()
+        per_block = torch.export.export(_BlocksOnly(stage), (feats,), strict=False).module()  # no scope
+        assert len(plans) == 3
+        whole = torch.export.export(stage, (feats,), strict=False).module()
+        assert len(plans) == 4  # one more for the whole stage
+        got, want = whole(feats), per_block(feats)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(got, eager, rtol=1e-6, atol=1e-6)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import functional as DF
-from ._shapes import is_symbolic, sym_max
+from ._shapes import is_symbolic, shared, sym_max
 from ._utils import check_float, check_image_tensor, check_int, to_2tuple
 from .backends import DEFORMABLE_OP, Problem, check_backend_name, select_backend
 from .layers.norm import LayerNormProxy
@@ -235,8 +235,10 @@ class DeformableAttention2d(nn.Module):
         G, Cg = self.offset_groups, self.group_dim
         Hk, Wk = self.key_grid_size(H, W)
         acc = DF.coord_dtype(q.dtype)
-        reference = DF.reference_points(
-            Hk, Wk, version=self.version, offset_range_factor=self.offset_range_factor, device=q.device, dtype=acc
+        orf, version = self.offset_range_factor, self.version
+        reference = shared(  # one grid per stage and size (deformattn._shapes.shared)
+            ("reference_points", Hk, Wk, version, orf, q.device, acc),
+            lambda: DF.reference_points(Hk, Wk, version=version, offset_range_factor=orf, device=q.device, dtype=acc),
         )
         if self.no_off:
             offset = q.new_zeros(B * G, 2, Hk, Wk, dtype=acc)

@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._shapes import sym_max, sym_min
+from ._shapes import shared, sym_max, sym_min
 
 __all__ = [
     "POS_BIAS_KINDS",
@@ -195,22 +195,30 @@ def grid_sample_gather(input: Tensor, grid: Tensor) -> Tensor:
     N, C, H, W = input.shape
     Ho, Wo = grid.shape[1:3]
     acc = coord_dtype(torch.promote_types(input.dtype, grid.dtype))
-    grid = grid.to(acc)
+    grid = _to(grid, acc)
     ix = (grid[..., 0] + 1.0) * (0.5 * (W - 1))  # N, Ho, Wo (pixel coordinates)
     iy = (grid[..., 1] + 1.0) * (0.5 * (H - 1))
     x0, y0 = torch.floor(ix), torch.floor(iy)
     wx1, wy1 = ix - x0, iy - y0
-    wx0, wy0 = 1.0 - wx1, 1.0 - wy1
+    # per axis once (not per tap): each tap's clamped position and its weight, zero outside the map
+    xs, ys = [], []
+    for p0, w1, size, out_list in ((x0, wx1, W, xs), (y0, wy1, H, ys)):
+        for d, w in ((0, 1.0 - w1), (1, w1)):
+            p = p0 + d
+            inside = (p >= 0) & (p <= size - 1)
+            out_list.append((p.clamp(0, size - 1), torch.where(inside, w, 0.0)))
     flat = input.reshape(N, C, H * W)
     out = torch.zeros(N, C, Ho * Wo, dtype=acc, device=input.device)
-    for dy, wy in ((0, wy0), (1, wy1)):
-        for dx, wx in ((0, wx0), (1, wx1)):
-            xi, yi = x0 + dx, y0 + dy
-            valid = (xi >= 0) & (xi <= W - 1) & (yi >= 0) & (yi <= H - 1)  # zeros outside the map
-            idx = (yi.clamp(0, H - 1) * W + xi.clamp(0, W - 1)).to(torch.int64).reshape(N, 1, Ho * Wo)
-            w = (wx * wy * valid.to(acc)).reshape(N, 1, Ho * Wo)
-            out = out + torch.gather(flat, 2, idx.expand(N, C, Ho * Wo)).to(acc) * w
-    return out.reshape(N, C, Ho, Wo).to(input.dtype)
+    for yi, wy in ys:
+        for xi, wx in xs:
+            idx = (yi * W + xi).to(torch.int64).reshape(N, 1, Ho * Wo)
+            out = out + _to(torch.gather(flat, 2, idx.expand(N, C, Ho * Wo)), acc) * (wx * wy).reshape(N, 1, Ho * Wo)
+    return _to(out.reshape(N, C, Ho, Wo), input.dtype)
+
+
+def _to(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t.to(dtype)``, recording no conversion in a captured graph when ``t`` already has it."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def bilinear_sample(input: Tensor, grid: Tensor, sampler: str = "grid_sample") -> Tensor:
@@ -274,7 +282,7 @@ def table_bias(table: Tensor, q_grid: Tensor, pos: Tensor, groups: int, sampler:
         Tensor[B, nH, H*W, Ns] in :func:`coord_dtype` (a half-precision table is read in float32)
     """
     acc = coord_dtype(torch.promote_types(table.dtype, pos.dtype))
-    table, q_grid, pos = table.to(acc), q_grid.to(acc), pos.to(acc)
+    table, q_grid, pos = _to(table, acc), _to(q_grid, acc), _to(pos, acc)
     nH, Th, Tw = table.shape
     BG = pos.shape[0]
     B = BG // groups
@@ -354,7 +362,7 @@ def attention_core(
         attn = attn + bias
     attn = attn.softmax(dim=-1)
     attn = F.dropout(attn, p=attn_drop, training=training)
-    return torch.einsum("bhmn,bhcn->bhcm", attn.to(v.dtype), v)  # B, nH, hc, Nq
+    return torch.einsum("bhmn,bhcn->bhcm", _to(attn, v.dtype), v)  # B, nH, hc, Nq
 
 
 @dataclass(frozen=True)
@@ -390,7 +398,9 @@ def position_bias(bias: PositionBias | None, H: int, W: int, pos: Tensor) -> Ten
         (table,) = bias.params
         Ns = pos.shape[1] * pos.shape[2]
         return table.reshape(1, table.shape[0], H * W, Ns)
-    q_grid = query_grid(H, W, version=bias.version, device=pos.device, dtype=coord_dtype(pos.dtype))
+    acc = coord_dtype(pos.dtype)
+    q_grid = shared(("query_grid", H, W, bias.version, pos.device, acc),  # one per stage and size
+                    lambda: query_grid(H, W, version=bias.version, device=pos.device, dtype=acc))
     if bias.kind == "table":
         return table_bias(bias.params[0], q_grid, pos, bias.groups, bias.sampler)
     if bias.kind == "log_cpb":

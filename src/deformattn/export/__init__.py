@@ -15,13 +15,18 @@ raising :class:`ExportVerificationError` above the tolerance::
 :class:`~deformattn.DeformableAttention2d` to the gather-only bilinear sampler for the export (see
 :func:`set_sampler`), so the ONNX graph has no ``GridSample`` node; the model is restored afterwards.
 
+Layout: :mod:`.core` (``export_model``, the result and the sampler switch), :mod:`.onnx` (capture, translation,
+cleanup), :mod:`.torchscript` (tracing), :mod:`.verify` (the checked sizes and the comparison), :mod:`.errors`.
+
 ``torch.compile(model, fullgraph=True)`` needs nothing from this package: the models compile without graph
 breaks for inference (see the README's Export section).
 """
 from __future__ import annotations
 
 from .core import (
+    DEFAULT_TOLERANCES,
     FORMATS,
+    PRECISIONS,
     ExportError,
     ExportResult,
     ExportVerificationError,
@@ -31,7 +36,9 @@ from .core import (
 )
 
 __all__ = [
+    "DEFAULT_TOLERANCES",
     "FORMATS",
+    "PRECISIONS",
     "ExportError",
     "ExportResult",
     "ExportVerificationError",

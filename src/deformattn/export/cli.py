@@ -45,7 +45,8 @@ def _non_negative_float(text: str) -> float:
 
 
 def _configure_export(p: argparse.ArgumentParser) -> None:
-    from .core import DEFAULT_OPSET, FORMATS, MIN_OPSET
+    from .core import FORMATS
+    from .onnx import DEFAULT_OPSET, MIN_OPSET
 
     # --format and --output are required, but may come from --config: checked after parsing, shown as required here
     p.usage = (f"deformattn export [-h] (--model NAME | --checkpoint PATH) --format {{{','.join(FORMATS)}}} "
@@ -76,9 +77,14 @@ def _configure_export(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sampler", choices=("gather", "grid_sample", "as-built"), default="gather",
                    help="bilinear sampler of the deformable layers in the exported file: gather (default: no "
                         "GridSample node), grid_sample, or as-built (keep the model's)")
-    p.add_argument("--atol", type=_non_negative_float, default=1e-4, help="absolute tolerance (default 1e-4)")
-    p.add_argument("--rtol", type=_non_negative_float, default=1e-4,
-                   help="tolerance relative to max|output| (default 1e-4)")
+    p.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32",
+                   help="dtype of the exported file (default fp32); fp16 and bf16 are verified against the float32 "
+                        "model with a looser default tolerance (fp16: atol 1e-3, rtol 1e-2; bf16: 1e-2, 5e-2). ONNX: "
+                        "fp32 or fp16 (onnxruntime's CPU provider has no bfloat16 Conv); TorchScript: all three")
+    p.add_argument("--atol", type=_non_negative_float, default=None,
+                   help="absolute tolerance (default 1e-4; see --precision)")
+    p.add_argument("--rtol", type=_non_negative_float, default=None,
+                   help="tolerance relative to max|output| (default 1e-4; see --precision)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and verification batches")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--verbose", action="store_true", help="show the exporters' messages")
@@ -161,7 +167,9 @@ def _input_size(args: argparse.Namespace, net: Any, meta: dict[str, Any]) -> tup
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .core import MIN_OPSET, ExportError, export_model
+    from .core import export_model
+    from .errors import ExportError
+    from .onnx import MIN_OPSET
 
     if args.format is None:
         raise ValueError("--format is required: onnx or torchscript")
@@ -175,13 +183,18 @@ def cmd_export(args: argparse.Namespace) -> int:
                          f"got {args.batch_size}")
     if args.format == "onnx" and args.opset < MIN_OPSET:
         raise ValueError(f"--opset must be >= {MIN_OPSET}, got {args.opset}")
+    if args.format == "onnx" and args.precision == "bf16":
+        raise ValueError("--precision bf16 is not available with --format onnx: onnxruntime's CPU execution provider "
+                         "has no bfloat16 Conv kernel, so the file could not be verified; use --precision fp16, or "
+                         "--format torchscript for bfloat16")
     net, name, meta = load_export_model(args.model, args.checkpoint, ema=args.ema, seed=args.seed)
     img_size = _input_size(args, net, meta)
     sampler = None if args.sampler == "as-built" else args.sampler
     try:
         result = export_model(net, args.format, img_size=img_size, dynamic=args.dynamic, output=output,
-                              batch_size=args.batch_size, opset=args.opset, sampler=sampler, atol=args.atol,
-                              rtol=args.rtol, seed=args.seed, verbose=args.verbose, progress=not args.quiet)
+                              batch_size=args.batch_size, opset=args.opset, sampler=sampler,
+                              precision=args.precision, atol=args.atol, rtol=args.rtol, seed=args.seed,
+                              verbose=args.verbose, progress=not args.quiet)
     except ExportError as exc:
         print(f"deformattn export: error: {exc}", file=sys.stderr)
         return 1

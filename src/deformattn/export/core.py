@@ -2,24 +2,26 @@
 
 The data path, top-down:
 
-1. :func:`export_model` validates the arguments, switches the deformable layers to the requested sampler
-   (:func:`set_sampler`, default ``"gather"``: no ``GridSample`` node, plain ops only) and puts the model in eval mode.
+1. :func:`export_model` (this file) validates the arguments, switches the deformable layers to the requested sampler
+   (:func:`set_sampler`, default ``"gather"``: no ``GridSample`` node, plain ops only) and puts the model in eval mode;
+   ``precision="fp16"``/``"bf16"`` exports a converted copy.
 2. The file is produced in a temporary file next to ``output``:
 
-   * **ONNX** - :func:`_export_program` captures the model with ``torch.export.export(strict=False)``; then
+   * **ONNX** (:mod:`.onnx`) - ``_export_program`` captures the model with ``torch.export.export(strict=False)``; then
      ``torch.onnx.export(program, dynamo=True)`` (the exporter torch >= 2.9 recommends; the TorchScript-based one is
      deprecated, and it records every size computed in Python as a constant without saying so) translates it at
      ``opset`` (default 18, at least 16). With ``dynamic=True`` the batch, height and width are dynamic: the
      model's size code is shape-polymorphic (:mod:`deformattn._shapes`), so one trace at a generic size
-     (:func:`_trace_size`) holds the code of every size. A model whose code fixes the size (``pos_bias="fixed"``)
+     (``_trace_size``) holds the code of every size. A model whose code fixes the size (``pos_bias="fixed"``)
      keeps its height and width, and :attr:`ExportResult.spatial_note` says why. ``dynamic="batch"`` asks for a
      dynamic batch only.
-   * **TorchScript** - ``torch.jit.trace`` (see :func:`_torchscript_bytes` for why tracing, not scripting).
+   * **TorchScript** (:mod:`.torchscript`) - ``torch.jit.trace`` (``_torchscript_bytes`` says why tracing, not
+     scripting).
 
-3. The temporary file is loaded back (onnxruntime, CPU execution provider / ``torch.jit.load``) and run on fresh
+3. (:mod:`.verify`) The temporary file is loaded back (onnxruntime, CPU execution provider / ``torch.jit.load``) and run on fresh
    random batches: the export shape, and with ``dynamic=True`` batches of 1 and ``batch_size + 1`` (and, when the
    height and width are dynamic, the three :func:`other_sizes`: odd, non-square, smaller). The outputs are compared
-   with the PyTorch model as the caller gave it (its own sampler, its default backend); a difference above
+   with the PyTorch model as the caller gave it (its own sampler, its default backend, its dtype); a difference above
    ``atol + rtol * max|reference|`` raises :class:`ExportVerificationError`. ``progress`` reports the steps
    (capture, translate, optimize, verify) with elapsed times.
 4. Only a verified file replaces ``output`` (``os.replace``): a failure at any step leaves no partial file and
@@ -27,16 +29,13 @@ The data path, top-down:
 """
 from __future__ import annotations
 
-import contextlib
-import io
+import copy
 import os
 import sys
 import time
-import warnings
-from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
@@ -45,9 +44,15 @@ from torch import Tensor
 from .._utils import atomic_path, check_float, check_int, optional_import, to_2tuple
 from ..attention import DeformableAttention2d
 from ..functional import SAMPLERS
+from .errors import _OWNER, ExportError, ExportVerificationError
+from .onnx import DEFAULT_OPSET, MIN_OPSET, _onnx_bytes, _onnx_runner, onnx_op_counts
+from .torchscript import _torchscript_bytes, _torchscript_info, _torchscript_runner
+from .verify import check_shapes, verify
 
 __all__ = [
     "FORMATS",
+    "PRECISIONS",
+    "DEFAULT_TOLERANCES",
     "DEFAULT_OPSET",
     "MIN_OPSET",
     "ExportError",
@@ -59,17 +64,11 @@ __all__ = [
 ]
 
 FORMATS = ("onnx", "torchscript")
-DEFAULT_OPSET = 18  # the opset torch 2.14's ONNX exporter targets natively (others go through a version converter)
-MIN_OPSET = 16  # GridSample (the default sampler's node) exists from opset 16
-_OWNER = "export_model"
-
-
-class ExportError(RuntimeError):
-    """The model could not be exported (the message says which step failed and why)."""
-
-
-class ExportVerificationError(ExportError):
-    """The exported file runs, but its outputs differ from the PyTorch model's above the tolerance."""
+PRECISIONS = ("fp32", "fp16", "bf16")
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# default (atol, rtol) of the verification per precision: a half-precision file is compared with the float32
+# model, so the tolerance covers its rounding (measured on dat_nano: fp16 ~1e-3, bf16 ~1e-2 of max|logit|)
+DEFAULT_TOLERANCES = {"fp32": (1e-4, 1e-4), "fp16": (1e-3, 1e-2), "bf16": (1e-2, 5e-2)}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -122,6 +121,7 @@ class ExportResult:
     spatial_note: str
     sampler: str | None
     opset: int | None
+    precision: str = "fp32"
     checks: list[dict[str, Any]] = field(default_factory=list)
     op_counts: dict[str, int] = field(default_factory=dict)
     file_bytes: int = 0
@@ -147,7 +147,8 @@ class ExportResult:
         spatial = f"dynamic ({self.spatial_note})" if self.dynamic_spatial else f"{H}x{W} ({self.spatial_note})"
         lines = [
             f"wrote {self.path} ({self.file_bytes / 2**20:.1f} MiB, {self.format}: {self.method})",
-            f"input [batch {batch}, {C} channels, size {spatial}]; sampler: {self.sampler or 'as built'}"
+            f"input [batch {batch}, {C} channels, size {spatial}]; {self.precision}; "
+            f"sampler: {self.sampler or 'as built'}"
             + (f"; opset {self.opset}" if self.opset else ""),
         ]
         if self.format == "onnx":
@@ -175,11 +176,13 @@ def export_model(
     in_chans: int | None = None,
     opset: int = DEFAULT_OPSET,
     sampler: str | None = "gather",
-    atol: float = 1e-4,
-    rtol: float = 1e-4,
+    precision: str = "fp32",
+    atol: float | None = None,
+    rtol: float | None = None,
     seed: int = 0,
     verbose: bool = False,
     progress: bool | Callable[[str], None] = False,
+    reference: Callable[[Tensor], Any] | None = None,
 ) -> ExportResult:
     """Export ``model`` (``Tensor[B, C, H, W] -> Tensor``) to ``output``, then load the file back and verify it.
 
@@ -198,11 +201,19 @@ def export_model(
         opset: ONNX opset, >= 16.
         sampler: set on every DeformableAttention2d for the export (``"gather"``: no GridSample node; ``None``: keep
             the model's). Verification compares with the model as given, so it also checks the samplers agree.
-        atol, rtol: verification passes when ``max|exported - pytorch| <= atol + rtol * max|pytorch|``.
+        precision: ``"fp32"`` (the model's own dtype), ``"fp16"`` or ``"bf16"``: a copy of the model is converted
+            to that dtype and exported with an input of that dtype; the file is verified against the model as given
+            (float32), with the precision's :data:`DEFAULT_TOLERANCES`. ONNX supports ``"fp32"`` and ``"fp16"``:
+            onnxruntime's CPU execution provider has no bfloat16 ``Conv`` kernel, so a bf16 file could not be
+            verified (``ValueError``); TorchScript supports all three.
+        atol, rtol: verification passes when ``max|exported - pytorch| <= atol + rtol * max|pytorch|``; default:
+            ``DEFAULT_TOLERANCES[precision]`` (fp32: 1e-4 and 1e-4).
         seed: seed of the random example and verification batches.
         verbose: show the exporters' own messages.
         progress: report the steps (capture, translate, optimize, verify) with elapsed times: True prints them to stderr,
             a callable receives each line.
+        reference: what the file's outputs are compared with (a callable taking the float input batch; default:
+            the model as given).
 
     Returns:
         :class:`ExportResult` (path, what is dynamic, per-check max abs differences, ONNX op counts).
@@ -221,10 +232,20 @@ def export_model(
         raise TypeError(f"{_OWNER}: dynamic must be True, False or 'batch', got {dynamic!r}")
     if sampler is not None and sampler not in SAMPLERS:
         raise ValueError(f"{_OWNER}: sampler must be None or one of {SAMPLERS}, got {sampler!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"{_OWNER}: precision must be one of {PRECISIONS}, got {precision!r}")
+    if fmt == "onnx" and precision == "bf16":
+        raise ValueError(
+            f"{_OWNER}: precision='bf16' is not available for ONNX: onnxruntime's CPU execution provider has no "
+            "bfloat16 Conv kernel, so the file could not be loaded and verified; use precision='fp16' (or 'fp32') "
+            "for ONNX, or fmt='torchscript' for bfloat16"
+        )
+    if reference is not None and not callable(reference):
+        raise TypeError(f"{_OWNER}: reference must be None or a callable, got {type(reference).__name__}")
     batch_size = check_int(batch_size, "batch_size", _OWNER, minimum=2)
     opset = check_int(opset, "opset", _OWNER, minimum=MIN_OPSET)
-    atol = check_float(atol, "atol", _OWNER, minimum=0.0)
-    rtol = check_float(rtol, "rtol", _OWNER, minimum=0.0)
+    atol = check_float(DEFAULT_TOLERANCES[precision][0] if atol is None else atol, "atol", _OWNER, minimum=0.0)
+    rtol = check_float(DEFAULT_TOLERANCES[precision][1] if rtol is None else rtol, "rtol", _OWNER, minimum=0.0)
     seed = check_int(seed, "seed", _OWNER)
     H, W = _input_size(model, img_size)
     C = _input_channels(model, in_chans)
@@ -244,28 +265,34 @@ def export_model(
     previous = set_sampler(model, sampler) if sampler is not None else {}
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(batch_size, C, H, W, generator=gen, dtype=dtype)
+    file_dtype = dtype if precision == "fp32" else _DTYPES[precision]
+    # a lower precision exports a converted copy (same samplers); the model itself stays the reference
+    net = model if file_dtype == dtype else copy.deepcopy(model).to(file_dtype)
     timings: dict[str, float] = {}
     try:
         with atomic_path(path) as tmp:
             t0 = time.perf_counter()
+            xf = x.to(file_dtype)
             if fmt == "onnx":
-                data, info = _onnx_bytes(model, x, dynamic, opset, verbose, sampler, log, timings)
+                data, info = _onnx_bytes(net, xf, dynamic, opset, verbose, sampler, log, timings, precision)
             else:
                 if log is not None:
-                    log(f"capture: torch.jit.trace at {'x'.join(str(s) for s in x.shape)}")
-                data, info = _torchscript_bytes(model, x), _torchscript_info(dynamic)
+                    log(f"capture: torch.jit.trace at {'x'.join(str(s) for s in x.shape)} ({precision})")
+                data, info = _torchscript_bytes(net, xf), _torchscript_info(dynamic)
                 timings["capture"] = time.perf_counter() - t0
+            del net
             _write_bytes(tmp, data)
             export_seconds = time.perf_counter() - t0
             _restore_samplers(model, previous)  # verify against the model as the caller gave it
             previous = {}
             t0 = time.perf_counter()
             run = _onnx_runner(ort, tmp) if fmt == "onnx" else _torchscript_runner(tmp)
-            shapes = _check_shapes(model, x.shape, dynamic, info["dynamic_spatial"])
+            shapes = check_shapes(model, x.shape, dynamic, info["dynamic_spatial"])
             if log is not None:
                 what = "onnxruntime (CPU)" if fmt == "onnx" else "torch.jit.load"
                 log(f"verify: {what} vs PyTorch at {', '.join('x'.join(map(str, s)) for s in shapes)}")
-            checks = _verify(model, run, shapes, gen, dtype, atol, rtol, fmt)
+            checks = verify(model if reference is None else reference, run, shapes, gen, dtype, atol, rtol, fmt,
+                            file_dtype)
             verify_seconds = time.perf_counter() - t0
             if log is not None:
                 worst = max(c["max_abs_diff"] / max(c["tolerance"], 1e-30) for c in checks)
@@ -274,7 +301,7 @@ def export_model(
         _restore_samplers(model, previous)
         model.train(was_training)
     return ExportResult(
-        path=str(path), format=fmt, input_shape=tuple(x.shape), sampler=sampler, checks=checks,
+        path=str(path), format=fmt, input_shape=tuple(x.shape), sampler=sampler, precision=precision, checks=checks,
         file_bytes=path.stat().st_size, export_seconds=export_seconds, verify_seconds=verify_seconds,
         capture_seconds=timings.get("capture", 0.0), translate_seconds=timings.get("translate", 0.0),
         optimize_seconds=timings.get("optimize", 0.0), **info,
@@ -338,384 +365,3 @@ def _write_bytes(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-@contextlib.contextmanager
-def _quiet(verbose: bool) -> Iterator[None]:
-    """Hide the exporters' progress prints (``[torch.onnx] ...``) unless ``verbose``."""
-    if verbose:
-        yield
-        return
-    with contextlib.redirect_stdout(io.StringIO()):
-        yield
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}".strip()
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# ONNX
-# ---------------------------------------------------------------------------------------------------------------
-def _spatial_step(model: nn.Module) -> int:
-    """A natural size step of the model (its total stride), used for the minimum and the second checked size."""
-    min_size = getattr(model, "min_input_size", None)
-    if callable(min_size):
-        return int(min_size())
-    return int(getattr(model, "stride", 1))
-
-
-def _trace_size(H: int, W: int, step: int) -> tuple[int, int]:
-    """The example size a dynamic height and width are traced at: odd, non-square and large enough that no
-    size derived from it (stage maps, window and tile counts) is 1 or equal between the axes.
-
-    ``torch.export`` specialises a size that is 0 or 1 at the example, and turns a branch a library takes on a
-    size (a view or a broadcast deciding whether a dimension is 1) into a guard that holds for the example. At an
-    export size like 224 the last stage of DAT v1 has one 7x7 window, so a trace there would fix the size; traced
-    here, the graph holds the general code. It costs nothing: the trace runs on fake tensors.
-    """
-    base = 16 * max(1, step)  # the deepest map of a DAT is >= 16: >= 2 windows / tiles of up to 12 per axis
-    return max(H, base) + 3, max(W, base) + max(1, step) + 5
-
-
-def _export_program(
-    model: nn.Module, x: Tensor, dynamic: bool | str, log: Callable[[str], None] | None = None
-) -> tuple[Any, dict[str, Any]]:
-    """``torch.export`` program of ``model`` at ``x`` and what is dynamic.
-
-    ``dynamic=True`` asks for a dynamic batch, height and width (``Dim.AUTO`` with the model's minimum size): the
-    model's size-dependent code is shape-polymorphic (``deformattn._shapes``), so the program is traced once at a
-    generic example size (:func:`_trace_size`) and holds the general code. Guards that ``torch.export`` adds inside
-    PyTorch's own ops (whether a view or a broadcast meets a dimension of 1) become runtime assertions of the
-    program (``prefer_deferred_runtime_asserts_over_guards``); the ONNX graph does not carry them and its
-    operators handle those cases themselves, which the verification at other sizes checks. A model whose code
-    fixes the size (``pos_bias="fixed"``) keeps its height and width: ``spatial_note`` says so.
-    ``dynamic="batch"`` asks for a dynamic batch only.
-    """
-    from torch.export import Dim, export
-
-    B, C, H, W = x.shape
-    if not dynamic:
-        return export(model, (x,), strict=False), dict(
-            dynamic_batch=False, dynamic_spatial=False, spatial_note="dynamic=False")
-    batch = Dim("batch", min=1)
-    low = max(2, _spatial_step(model))
-    reason = ""
-    if dynamic == "batch":
-        reason = "dynamic='batch'"
-    elif min(H, W) >= low:
-        Ht, Wt = _trace_size(H, W, _spatial_step(model))
-        xt = torch.randn(B, C, Ht, Wt, dtype=x.dtype)
-        if log is not None:
-            log(f"capture: torch.export with a dynamic batch, height and width (traced at {B}x{C}x{Ht}x{Wt})")
-        shapes: tuple[dict[int, Any]] = ({0: batch, 2: Dim.AUTO(min=low), 3: Dim.AUTO(min=low)},)
-        try:
-            ep = export(model, (xt,), dynamic_shapes=shapes, strict=False,
-                        prefer_deferred_runtime_asserts_over_guards=True)
-        except Exception as exc:  # noqa: BLE001 - any failure of the spatial attempt falls back to a fixed size
-            reason = f"torch.export could not make height and width dynamic ({_first_line(exc)})"
-        else:
-            ranges = _input_ranges(ep)
-            if isinstance(ranges[2], tuple) and isinstance(ranges[3], tuple):
-                return ep, dict(dynamic_batch=True, dynamic_spatial=True,
-                                spatial_note=f"height and width >= {low}")
-            reason = "the model's code fixes the height / width (e.g. pos_bias='fixed')"
-    else:
-        reason = f"img_size below {low}"
-    if log is not None:
-        log(f"capture: torch.export with a dynamic batch at {H}x{W} ({reason})")
-    try:
-        ep = export(model, (x,), dynamic_shapes=({0: batch},), strict=False)
-    except Exception as exc:
-        raise ExportError(f"{_OWNER}: torch.export failed with a dynamic batch: {_first_line(exc)}") from exc
-    return ep, dict(dynamic_batch=True, dynamic_spatial=False, spatial_note=f"fixed: {reason}")
-
-
-def _input_ranges(ep: Any) -> list[Any]:
-    """Per dimension of the first input: an int (static) or ``(low, high)`` (dynamic; ``high`` may be ``inf``)."""
-    placeholder = next(n for n in ep.graph.nodes if n.op == "placeholder" and n.name not in
-                       ep.graph_signature.inputs_to_parameters and n.name not in ep.graph_signature.inputs_to_buffers
-                       and n.name not in ep.graph_signature.inputs_to_lifted_tensor_constants)
-    out: list[Any] = []
-    for size in placeholder.meta["val"].shape:
-        if isinstance(size, int):
-            out.append(size)
-            continue
-        vr = ep.range_constraints.get(size.node.expr)
-        out.append((_to_int(vr.lower) if vr is not None else 0, _to_int(vr.upper) if vr is not None else float("inf")))
-    return out
-
-
-def _to_int(value: Any) -> int | float:
-    """A range bound as an int; ``inf`` for sympy's infinities (``int_oo`` passes ``is_finite`` but not ``int``)."""
-    try:
-        return int(value)
-    except (TypeError, ValueError, AttributeError, OverflowError):
-        return float("inf")
-
-
-def _onnx_bytes(
-    model: nn.Module, x: Tensor, dynamic: bool | str, opset: int, verbose: bool, sampler: str | None,
-    log: Callable[[str], None] | None = None, timings: dict[str, float] | None = None,
-) -> tuple[bytes, dict[str, Any]]:
-    timings = {} if timings is None else timings
-    with _quiet(verbose), warnings.catch_warnings():
-        if not verbose:
-            # side effects on size-keyed caches (window-attention masks) while tracing: harmless, the file is checked
-            warnings.filterwarnings("ignore", message=".*side effects happened", category=UserWarning)
-            # ... which torch.export undoes afterwards (and says so)
-            warnings.filterwarnings("ignore", message=".*was assigned during export", category=UserWarning)
-        t0 = time.perf_counter()
-        try:
-            ep, info = _export_program(model, x, dynamic, log)
-        except ExportError:
-            raise
-        except Exception as exc:
-            raise ExportError(f"{_OWNER}: torch.export failed: {_first_line(exc)}") from exc
-        timings["capture"] = time.perf_counter() - t0
-        if log is not None:
-            log(f"translate: torch.onnx.export(dynamo=True), opset {opset}")
-        t0 = time.perf_counter()
-        try:
-            program = torch.onnx.export(ep, dynamo=True, opset_version=opset, input_names=["input"],
-                                        optimize=False, verbose=verbose)
-        except Exception as exc:
-            raise ExportError(f"{_OWNER}: torch.onnx.export failed: {_first_line(exc)}") from exc
-        timings["translate"] = time.perf_counter() - t0
-        if log is not None:
-            log(f"optimize: deduplicate, fold constants, prune ({_ir_node_count(program.model)} nodes)")
-        t0 = time.perf_counter()
-        try:
-            _clean_onnx(program.model)
-        except Exception as exc:
-            raise ExportError(f"{_OWNER}: cleaning the ONNX graph failed: {_first_line(exc)}") from exc
-        timings["optimize"] = time.perf_counter() - t0
-    proto = program.model_proto
-    _name_input_dims(proto, {0: "batch", 2: "height", 3: "width"})
-    counts = onnx_op_counts(proto)
-    if sampler == "gather" and counts.get("GridSample"):
-        raise ExportError(
-            f"{_OWNER}: sampler='gather' was set but the graph has {counts['GridSample']} GridSample node(s): a "
-            "DeformableAttention2d built with an explicit backend='fast' still samples its bias table with "
-            "grid_sample; build the model with backend=None (or 'reference')"
-        )
-    for key, value in {
-        "deformattn.sampler": sampler or "as built",
-        "deformattn.input_shape": "x".join(str(s) for s in x.shape),
-        "deformattn.dynamic_batch": str(info["dynamic_batch"]),
-        "deformattn.spatial": ("dynamic: " if info["dynamic_spatial"] else "") + info["spatial_note"],
-    }.items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = key, value
-    if proto.ByteSize() >= 2**31:
-        raise ExportError(f"{_OWNER}: the ONNX model is over protobuf's 2 GB limit ({proto.ByteSize()} bytes)")
-    info.update(method="torch.export + torch.onnx.export(dynamo=True)", opset=opset, op_counts=dict(counts))
-    return proto.SerializeToString(), info
-
-
-def _clean_onnx(model: Any) -> None:
-    """Shrink the translated graph in place: the passes of ``torch.onnx.export(optimize=True)`` that pay off here.
-
-    The translation repeats the size arithmetic of every block (``Shape``, ``Gather``, ``Range``, comparisons):
-    common-subexpression elimination first halves the graph, then constants are folded (with ONNX shape
-    inference, cheap on the deduplicated graph) and dead nodes pruned. ``optimize=True`` runs the folding and the
-    onnxscript pattern rewriter on the graph as translated, which took minutes on a DAT (the rewriter alone is
-    seconds for a few percent of the nodes); onnxruntime fuses patterns itself when it builds a session.
-    """
-    import onnx_ir.passes.common as passes
-    from onnxscript.optimizer import fold_constants_ir
-
-    passes.InlinePass()(model)
-    passes.CommonSubexpressionEliminationPass()(model)
-    passes.RemoveUnusedNodesPass()(model)
-    fold_constants_ir(model, onnx_shape_inference=True)
-    passes.RemoveUnusedNodesPass()(model)
-    passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
-    passes.DeduplicateInitializersPass()(model)
-    passes.CommonSubexpressionEliminationPass()(model)
-    passes.RemoveUnusedNodesPass()(model)
-    passes.RemoveUnusedFunctionsPass()(model)
-    passes.RemoveUnusedOpsetsPass()(model)
-    passes.OutputFixPass()(model)
-    passes.NameFixPass()(model)
-
-
-def _ir_node_count(model: Any) -> int:
-    import onnx_ir as ir
-
-    return sum(1 for _ in ir.traversal.RecursiveGraphIterator(model.graph))
-
-
-def _name_input_dims(proto: Any, names: dict[int, str]) -> None:
-    """Rename the exporter's symbols of the input's dynamic dimensions (``s77``) to ``batch`` / ``height`` /
-    ``width``, everywhere they occur (graph inputs, outputs, value infos, also inside expressions like ``2*s77``)."""
-    import re
-
-    dims = proto.graph.input[0].type.tensor_type.shape.dim
-    mapping = {}
-    for axis, name in names.items():
-        if axis < len(dims) and dims[axis].dim_param and re.fullmatch(r"\w+", dims[axis].dim_param):
-            mapping[dims[axis].dim_param] = name
-    taken = {d.dim_param for vi in [*proto.graph.input, *proto.graph.output, *proto.graph.value_info]
-             for d in vi.type.tensor_type.shape.dim if d.dim_param}
-    if not mapping or any(name in taken for name in mapping.values()):
-        return
-    pattern = re.compile(r"\b(" + "|".join(re.escape(k) for k in mapping) + r")\b")
-    for vi in [*proto.graph.input, *proto.graph.output, *proto.graph.value_info]:
-        for d in vi.type.tensor_type.shape.dim:
-            if d.dim_param:
-                d.dim_param = pattern.sub(lambda m: mapping[m.group(1)], d.dim_param)
-
-
-def onnx_op_counts(model: Any) -> Counter:
-    """Node count per op type of an ONNX model (a ``ModelProto`` or a path), functions and subgraphs included."""
-    onnx = optional_import("onnx", "export", "Reading an ONNX model")
-    proto = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model), load_external_data=False)
-    counts: Counter = Counter()
-
-    def visit(nodes: Any) -> None:
-        for node in nodes:
-            counts[node.op_type] += 1
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.GRAPH:
-                    visit(attr.g.node)
-                for g in attr.graphs:
-                    visit(g.node)
-
-    visit(proto.graph.node)
-    for function in proto.functions:
-        visit(function.node)
-    return counts
-
-
-def _onnx_runner(ort: Any, path: Path) -> Callable[[Tensor], list[Tensor]]:
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    return lambda x: [torch.from_numpy(a) for a in session.run(None, {name: x.numpy()})]
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# TorchScript
-# ---------------------------------------------------------------------------------------------------------------
-def _torchscript_bytes(model: nn.Module, x: Tensor) -> bytes:
-    """``torch.jit.trace`` of the model, serialised.
-
-    Tracing, not scripting: the library is written in ordinary Python (``X | None`` annotations, f-string error
-    messages, size-keyed caches, custom autograd functions), which the TorchScript compiler rejects, while tracing
-    records the tensor operations of one forward pass. With the ``"gather"`` sampler those are plain ops (the fast
-    backend's custom autograd function cannot be traced). A trace is valid for the traced height and width: sizes
-    computed in Python are recorded as constants (the verification runs it at other batch sizes when ``dynamic``).
-    ``torch.jit`` is deprecated in favour of ``torch.export``; its warnings are silenced here because the loaded
-    file is checked against the model anyway.
-    """
-    try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-            warnings.filterwarnings("ignore", message=r".*torch\.jit\.\w+` is deprecated", category=FutureWarning)
-            traced = torch.jit.trace(model, (x,), check_trace=False)
-            buffer = io.BytesIO()
-            torch.jit.save(traced, buffer)
-    except Exception as exc:
-        raise ExportError(
-            f"{_OWNER}: torch.jit.trace failed: {_first_line(exc)}. The fast backend's custom autograd functions "
-            "cannot be traced: export with sampler='gather' (the default)"
-        ) from exc
-    return buffer.getvalue()
-
-
-def _torchscript_info(dynamic: bool | str) -> dict[str, Any]:
-    return dict(method="torch.jit.trace", opset=None, dynamic_batch=bool(dynamic), dynamic_spatial=False,
-                spatial_note="fixed: a trace records the traced height and width", op_counts={})
-
-
-def _torchscript_runner(path: Path) -> Callable[[Tensor], list[Tensor]]:
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r".*torch\.jit\.\w+` is deprecated", category=FutureWarning)
-        module = torch.jit.load(str(path), map_location="cpu")
-    module.eval()
-
-    def run(x: Tensor) -> list[Tensor]:
-        with torch.no_grad():
-            return _flatten(module(x))
-
-    return run
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# verification
-# ---------------------------------------------------------------------------------------------------------------
-def _flatten(out: Any) -> list[Tensor]:
-    if isinstance(out, Tensor):
-        return [out]
-    if isinstance(out, (tuple, list)):
-        return [t for o in out for t in _flatten(o)]
-    if isinstance(out, dict):
-        return [t for o in out.values() for t in _flatten(o)]
-    raise TypeError(f"{_OWNER}: the model returned a {type(out).__name__}; expected tensors")
-
-
-def other_sizes(H: int, W: int, step: int, low: int) -> list[tuple[int, int]]:
-    """Three sizes besides ``H x W`` that a dynamic export is checked at: odd and near-square, non-square and
-    larger, and smaller (down to ``low``); none a multiple of ``step`` unless ``low`` forces it.
-
-    For ``224 x 224`` and step 32: ``241 x 241``, ``258 x 294``, ``207 x 227``.
-    """
-    step = max(1, step)
-    odd = (H + step // 2 + 1) | 1, (W + step // 2 + 1) | 1
-    wide = H + step + 2, W + 2 * step + 6
-    small = max(low, H - step // 2 - 1), W + 3
-    return [odd, wide, small]
-
-
-def _check_shapes(model: nn.Module, shape: torch.Size, dynamic: bool | str, dynamic_spatial: bool
-                  ) -> list[tuple]:
-    """Input shapes the exported file is run at: the export shape; with ``dynamic`` batches 1 and B + 1; with a
-    dynamic height and width the three :func:`other_sizes` (batches 1, B and 1)."""
-    B, C, H, W = shape
-    shapes = [(B, C, H, W)]
-    if dynamic:
-        shapes += [(1, C, H, W), (B + 1, C, H, W)]
-    if dynamic_spatial:
-        step = _spatial_step(model)
-        for b, (h, w) in zip((1, B, 1), other_sizes(H, W, step, max(2, step))):
-            shapes.append((b, C, h, w))
-    return shapes
-
-
-def _verify(
-    model: nn.Module,
-    run: Callable[[Tensor], list[Tensor]],
-    shapes: list[tuple],
-    gen: torch.Generator,
-    dtype: torch.dtype,
-    atol: float,
-    rtol: float,
-    fmt: str,
-) -> list[dict[str, Any]]:
-    checks, failures = [], []
-    for shape in shapes:
-        x = torch.randn(*shape, generator=gen, dtype=dtype)
-        with torch.no_grad():
-            ref = _flatten(model(x))
-        label = "x".join(str(s) for s in shape)
-        try:
-            got = run(x)
-        except Exception as exc:  # noqa: BLE001 - reported with every other failed check below
-            failures.append(f"{label}: the exported {fmt} file failed to run ({_first_line(exc)})")
-            continue
-        if len(got) != len(ref) or any(g.shape != r.shape for g, r in zip(got, ref)):
-            failures.append(f"{label}: output shapes {[tuple(g.shape) for g in got]} != PyTorch's "
-                            f"{[tuple(r.shape) for r in ref]}")
-            continue
-        diff = max(float((g.to(r.dtype) - r).abs().max()) if r.numel() else 0.0 for g, r in zip(got, ref))
-        scale = max(float(r.abs().max()) if r.numel() else 0.0 for r in ref)
-        tolerance = atol + rtol * scale
-        checks.append({"shape": list(shape), "max_abs_diff": diff, "tolerance": tolerance})
-        if not diff <= tolerance:  # NaN fails too
-            failures.append(f"{label}: max abs diff {diff:.3e} > tolerance {tolerance:.3e} "
-                            f"(atol {atol:g} + rtol {rtol:g} * max|output| {scale:.3g})")
-    if failures:
-        raise ExportVerificationError(
-            f"{_OWNER}: the exported {fmt} file does not match the PyTorch model (nothing was written):\n  "
-            + "\n  ".join(failures)
-        )
-    return checks

@@ -38,7 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._shapes import ceil_div, is_symbolic, sym_max
+from .._shapes import ceil_div, is_symbolic, shared, sym_max
 from .._utils import check_float, check_image_tensor, check_int
 from ..backends.dispatch import Problem, check_backend_name, register_backend, select_backend
 
@@ -49,6 +49,8 @@ __all__ = [
     "na2d_av",
     "neighborhood_attention2d",
     "neighborhood_tiles",
+    "tile_plan",
+    "TilePlan",
     "neighborhood_attention_tiled",
     "NEIGHBORHOOD_OP",
 ]
@@ -168,7 +170,7 @@ def _flat_positions(rows: Tensor, cols: Tensor, width) -> Tensor:
     return (rows[:, None, :, None] * width + cols[None, :, None, :]).reshape(-1)
 
 
-def _tiled_plan(H, W, kernel_size: int, tile: int | None, heads: int, device) -> tuple:
+def tile_plan(H, W, kernel_size: int, tile: int | None, heads: int, device) -> tuple:
     """Gather indices of the fast backend on a map of ``H x W`` queries (positions in the map padded to the tiling's
     extent ``Hp x Wp``: ``Hp = H`` for a plain-int size, see :func:`neighborhood_tiles`).
 
@@ -179,6 +181,10 @@ def _tiled_plan(H, W, kernel_size: int, tile: int | None, heads: int, device) ->
             query's neighbourhood.
         outpos (Tensor[H*W]): slot of pixel ``(i, j)`` in the flattened ``nt*T*T`` tile outputs.
         (nt, TT, RR, Hp, Wp): sizes.
+
+    Eager calls with plain-int sizes keep it (:func:`_cached_tiled_plan`); while a graph is captured it is built
+    once per stage and shared by the stage's blocks (:func:`deformattn._shapes.shared`), so the exported graph holds
+    one copy of this index arithmetic per stage, not one per block.
     """
     rows = neighborhood_tiles(H, kernel_size, tile, device)
     cols = neighborhood_tiles(W, kernel_size, tile, device)
@@ -199,10 +205,10 @@ def _tiled_plan(H, W, kernel_size: int, tile: int | None, heads: int, device) ->
 
 @functools.lru_cache(maxsize=64)
 def _cached_tiled_plan(H: int, W: int, kernel_size: int, tile: int | None, heads: int, device) -> tuple:
-    """:func:`_tiled_plan` of plain-int sizes, kept: it depends on the sizes only. Built outside inference mode, so
+    """:func:`tile_plan` of plain-int sizes, kept: it depends on the sizes only. Built outside inference mode, so
     the index tensors can be saved for a later backward pass."""
     with torch.inference_mode(False):
-        return _tiled_plan(H, W, kernel_size, tile, heads, device)
+        return tile_plan(H, W, kernel_size, tile, heads, device)
 
 
 def neighborhood_attention_tiled(
@@ -227,9 +233,13 @@ def neighborhood_attention_tiled(
     """
     B, nH, H, W, hd = q.shape
     symbolic, tracing = is_symbolic(H, W), _tracing()
-    plan = _tiled_plan if symbolic or tracing else _cached_tiled_plan  # index tensors depend on the sizes only
     heads = 1 if rpb is None else rpb.shape[0]
-    qpos, kpos, bias_index, outpos, (nt, TT, RR, Hp, Wp) = plan(H, W, kernel_size, tile, heads, q.device)
+    if symbolic or tracing:  # one plan per stage in the captured graph
+        plan = shared(("neighborhood_tiles", H, W, kernel_size, tile, heads, q.device),
+                      lambda: tile_plan(H, W, kernel_size, tile, heads, q.device))
+    else:  # the index tensors depend on the sizes only
+        plan = _cached_tiled_plan(H, W, kernel_size, tile, heads, q.device)
+    qpos, kpos, bias_index, outpos, (nt, TT, RR, Hp, Wp) = plan
     if symbolic:  # the tiling of a traced dynamic size may reach past the map: pad to its extent
         pad = (0, 0, 0, Wp - W, 0, Hp - H)
         q, k, v = F.pad(q, pad), F.pad(k, pad), F.pad(v, pad)

@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._shapes import ceil_div, is_symbolic
+from .._shapes import ceil_div, is_symbolic, shared
 from .._utils import check_float, check_image_tensor, check_int, to_2tuple
 
 __all__ = ["DERIVED_BUFFERS", "WindowAttention", "relative_position_index", "window_attention_mask"]
@@ -165,8 +165,10 @@ class WindowAttention(nn.Module):
                                       error_msgs)
 
     def _mask(self, H: int, W: int, x: Tensor) -> Tensor | None:
-        if is_symbolic(H, W):  # a traced dynamic size: build the general mask in the graph, no size-keyed cache
-            return window_attention_mask(H, W, self.window_size, self.shift_size, device=x.device, dtype=x.dtype)
+        ws, s = self.window_size, self.shift_size
+        if is_symbolic(H, W):  # a traced dynamic size: the general mask in the graph, once per stage (no module cache)
+            return shared(("window_mask", H, W, ws, s, x.device, x.dtype),
+                          lambda: window_attention_mask(H, W, ws, s, device=x.device, dtype=x.dtype))
         if self.shift_size > 0 and (H, W) == self.fmap_size:
             return self.attn_mask.to(x.dtype)
         key = (H, W, x.device, x.dtype)

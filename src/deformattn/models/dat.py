@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from .._shapes import shared_sizes
 from .._utils import check_float, check_image_tensor, check_int, to_2tuple
 from ..attention import DeformableAttention2d
 from ..functional import POS_BIAS_KINDS, VERSIONS
@@ -210,6 +211,14 @@ class TransformerStage(nn.Module):
         return x
 
     def forward(self, x: Tensor) -> Tensor:
+        if torch.compiler.is_dynamo_compiling():  # Dynamo's graph deduplicates by itself; no Python-side cache
+            return self._blocks(x)
+        # the blocks share the size-derived tensors of this resolution (tile indices, masks, reference grids),
+        # computed once by the first block that needs them (deformattn._shapes.shared)
+        with shared_sizes():
+            return self._blocks(x)
+
+    def _blocks(self, x: Tensor) -> Tensor:
         x = self.proj(x)
         for d in range(self.depth):
             if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
