@@ -107,3 +107,21 @@ def test_cycle_detector_finds_a_cycle():
 def test_no_import_cycles():
     cycles = [c for c in strongly_connected_components(import_graph()) if len(c) > 1]
     assert not cycles, f"import cycles in deformattn: {cycles}"
+
+
+def test_every_public_name_exists():
+    """Each core module's ``__all__`` names only what the module defines (``from m import *`` must not fail).
+    Modules behind optional extras (export, train, viz, timm glue) are left out: importing them needs the extras."""
+    import importlib
+
+    optional = ("deformattn.export", "deformattn.train", "deformattn.viz", "deformattn.models._timm")
+    root = Path(deformattn.__file__).parent
+    missing, checked = [], 0
+    for path in sorted(root.rglob("*.py")):
+        name = ".".join(("deformattn",) + path.relative_to(root).with_suffix("").parts).removesuffix(".__init__")
+        if name.startswith(optional) or name.endswith("__main__"):
+            continue
+        module = importlib.import_module(name)
+        checked += 1
+        missing += [f"{name}.{n}" for n in getattr(module, "__all__", ()) if not hasattr(module, n)]
+    assert checked > 10 and missing == []

@@ -26,10 +26,15 @@ from typing import Any, Callable, TypeVar
 
 import torch
 
-__all__ = ["is_symbolic", "sym_max", "sym_min", "ceil_div", "shared_sizes", "shared"]
+__all__ = ["is_symbolic", "is_tracing", "sym_max", "sym_min", "ceil_div", "shared_sizes", "shared"]
 
 _T = TypeVar("_T")
 _SCOPES = threading.local()  # .stack: one dict per open shared_sizes scope, innermost last
+
+
+def is_tracing() -> bool:
+    """True while a graph is being captured (TorchScript tracing, ONNX export, ``torch.export`` / ``compile``)."""
+    return bool(torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling())
 
 
 def is_symbolic(*sizes: Any) -> bool:

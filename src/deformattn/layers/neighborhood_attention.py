@@ -38,7 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._shapes import ceil_div, is_symbolic, shared, sym_max
+from .._shapes import ceil_div, is_symbolic, is_tracing, shared, sym_max
 from .._utils import check_float, check_image_tensor, check_int
 from ..backends.dispatch import Problem, check_backend_name, register_backend, select_backend
 
@@ -50,7 +50,6 @@ __all__ = [
     "neighborhood_attention2d",
     "neighborhood_tiles",
     "tile_plan",
-    "TilePlan",
     "neighborhood_attention_tiled",
     "NEIGHBORHOOD_OP",
 ]
@@ -160,11 +159,6 @@ def neighborhood_tiles(length: int, kernel_size: int, tile: int | None = None, d
     return query, key, valid, rel, t * T + (i - first[t])
 
 
-def _tracing() -> bool:
-    """True while a graph is captured (TorchScript tracing, ONNX export, ``torch.export`` / ``compile``)."""
-    return bool(torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling())
-
-
 def _flat_positions(rows: Tensor, cols: Tensor, width) -> Tensor:
     """Positions ``rows[nr, a] * width + cols[nc, b]`` in tile order ``(nr, nc, a, b)``: ``Tensor[nr*nc*a*b]``."""
     return (rows[:, None, :, None] * width + cols[None, :, None, :]).reshape(-1)
@@ -232,7 +226,7 @@ def neighborhood_attention_tiled(
         Tensor[B, nH, H, W, hd]
     """
     B, nH, H, W, hd = q.shape
-    symbolic, tracing = is_symbolic(H, W), _tracing()
+    symbolic, tracing = is_symbolic(H, W), is_tracing()
     heads = 1 if rpb is None else rpb.shape[0]
     if symbolic or tracing:  # one plan per stage in the captured graph
         plan = shared(("neighborhood_tiles", H, W, kernel_size, tile, heads, q.device),

@@ -22,6 +22,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
+from .._shapes import is_tracing
 from ..backends.dispatch import Problem, check_backend_name, register_backend, select_backend
 from ..backends.msda_fast import _SampleFunction, msda_fast, msda_gather
 from ..backends.msda_reference import msda_reference
@@ -31,12 +32,6 @@ __all__ = ["MSDA_OP", "multi_scale_deformable_attention", "check_msda_inputs", "
 MSDA_OP = "multi_scale_deformable_attention"
 _OWNER = "multi_scale_deformable_attention"
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
-
-
-def is_tracing() -> bool:
-    """True while a graph is being captured (TorchScript tracing, ONNX export, ``torch.export`` / ``compile``):
-    data-dependent checks are skipped then and the plain-operation form runs."""
-    return bool(torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling())
 
 
 def _shapes_list(spatial_shapes: Tensor) -> list[tuple[int, int]]:
