@@ -281,7 +281,7 @@ def export_model(
                 data, info = _torchscript_bytes(net, xf), _torchscript_info(dynamic)
                 timings["capture"] = time.perf_counter() - t0
             del net
-            _write_bytes(tmp, data)
+            tmp.write_bytes(data)  # atomic_path syncs and renames it
             export_seconds = time.perf_counter() - t0
             _restore_samplers(model, previous)  # verify against the model as the caller gave it
             previous = {}
@@ -353,15 +353,3 @@ def _check_cpu_float(model: nn.Module) -> torch.dtype:
         if t.is_floating_point():
             dtype = t.dtype
     return dtype
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# file writing
-# ---------------------------------------------------------------------------------------------------------------
-def _write_bytes(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from .._shapes import is_tracing
 from ..backends.dispatch import Problem, check_backend_name, register_backend, select_backend
-from ..backends.msda_fast import _SampleFunction, msda_fast, msda_gather
+from ..backends.msda_fast import msda_fast, msda_gather
 from ..backends.msda_reference import msda_reference
 
 __all__ = ["MSDA_OP", "multi_scale_deformable_attention", "check_msda_inputs", "is_tracing"]
