@@ -13,8 +13,9 @@ What is measured, per batch size (``images/s = batch / median wall time of one f
 * ``torch.compile``: ``torch.compile(model, fullgraph=True)`` (Inductor, default mode), compiled once per batch size
   before timing; the compile time is reported apart. A cold compile of dat_pp_tiny takes 10-20 min on two cores;
   Inductor's on-disk cache makes later runs take well under a minute.
-* ``onnxruntime``: the file of ``deformattn.export.export_model(model, "onnx", dynamic="batch")`` (torch.export +
-  torch.onnx.export(dynamo=True), opset 18, gather sampler: no GridSample node; verified against PyTorch at export)
+* ``onnxruntime``: the file of ``deformattn.export.export_model(model, "onnx", dynamic="batch")`` (the default
+  exporter: torch.jit.trace + torch.onnx.export(dynamo=False), opset 18, gather sampler: no GridSample node;
+  verified against PyTorch at export)
   in an ``InferenceSession`` on the CPU execution provider, all graph optimisations, ``intra_op_num_threads`` =
   ``--threads``. One file serves every batch size. The export time (RESULTS.md has it) is
   reported apart; ``--onnx FILE --reuse-onnx`` times an earlier export again.
@@ -195,17 +196,19 @@ def run_dynamic(args: argparse.Namespace) -> dict[str, Any]:
     exports: list[dict[str, Any]] = []
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name in args.models:
+        for name, exporter in [(n, e) for e in args.exporters for n in args.models]:
             torch.manual_seed(args.seed)
             model = _build(name)
-            path = Path(tmp) / f"{name}.onnx"
-            _log(t0, f"exporting {name} (dynamic=True) ...")
+            path = Path(tmp) / f"{name}.{exporter}.onnx"
+            _log(t0, f"exporting {name} (dynamic=True, exporter {exporter}) ...")
             t_export = time.perf_counter()
             result = export_model(model, "onnx", img_size=args.sizes[0], dynamic=True, output=path,
+                                  exporter=None if exporter == "auto" else exporter,
                                   progress=lambda line: _log(t0, f"  {name}: {line}"))
             wall = time.perf_counter() - t_export
             ops = dict(sorted(result.op_counts.items(), key=lambda kv: (-kv[1], kv[0])))
-            exports.append({"model": name, "export_s": result.export_seconds, "capture_s": result.capture_seconds,
+            exports.append({"model": name, "exporter": exporter, "method": result.method,
+                            "export_s": result.export_seconds, "capture_s": result.capture_seconds,
                             "translate_s": result.translate_seconds,
                             "optimize_s": result.optimize_seconds, "verify_s": result.verify_seconds,
                             "wall_s": wall, "nodes": sum(ops.values()), "op_types": ops,
@@ -247,19 +250,26 @@ def run_dynamic(args: argparse.Namespace) -> dict[str, Any]:
                             medians[rt].append(t["median_ms"])
                     eager_ms = statistics.median(medians["pytorch-eager"])
                     ort_ms = statistics.median(medians["onnxruntime"])
-                    rows.append({"model": name, "H": H, "W": W, "batch": b, "eager_ms": eager_ms, "ort_ms": ort_ms,
+                    rows.append({"model": name, "exporter": exporter, "H": H, "W": W, "batch": b, "eager_ms": eager_ms, "ort_ms": ort_ms,
                                  "ort_speedup": eager_ms / ort_ms, "max_abs_diff": diff,
                                  "rel_diff": diff / max(scale, 1e-30), "rounds_ms": medians})
-                    _log(t0, f"{name} {H}x{W} batch {b}: eager {eager_ms:.0f} ms, onnxruntime {ort_ms:.0f} ms "
+                    _log(t0, f"{name} ({exporter}) {H}x{W} batch {b}: eager {eager_ms:.0f} ms, onnxruntime {ort_ms:.0f} ms "
                              f"({eager_ms / ort_ms:.2f}x), max abs diff {diff:.1e} ({diff / max(scale, 1e-30):.1e} "
                              "of max|logit|)")
             del session, model
             if args.partial_json:  # a long run leaves what it has measured so far
                 atomic_write_json(args.partial_json, {"exports": exports, "rows": rows, "partial": True})
-    swin = next((e["export_s"] for e in exports if e["model"] == SWIN), None)
-    for e in exports:
+    for e in exports:  # Swin-T exported the same way
+        swin = next((s["export_s"] for s in exports if s["model"] == SWIN and s["exporter"] == e["exporter"]), None)
         e["vs_swin"] = e["export_s"] / swin if swin else None
     return {"exports": exports, "rows": rows}
+
+
+def _exporter_label(e: dict[str, Any]) -> str:
+    """``auto`` with the exporter it chose (the method starts with ``torch.jit.trace`` or ``torch.export``)."""
+    if e["exporter"] != "auto":
+        return e["exporter"]
+    return "auto: " + ("torchscript" if e["method"].startswith("torch.jit") else "dynamo")
 
 
 def format_dynamic(result: dict[str, Any]) -> str:
@@ -268,15 +278,17 @@ def format_dynamic(result: dict[str, Any]) -> str:
         vs = "-" if e["vs_swin"] is None else f"{e['vs_swin']:.2f}x"
         top = ", ".join(f"{k} {v}" for k, v in list(e["op_types"].items())[:8])
         more = len(e["op_types"]) - 8
-        body.append([e["model"], f"{e['export_s']:.0f}", f"{e['capture_s']:.0f} + {e['translate_s']:.0f} + {e.get('optimize_s', 0):.0f}", vs,
+        steps = f"{e['capture_s']:.1f} + {e['translate_s']:.1f} + {e['optimize_s']:.1f}"
+        body.append([e["model"], _exporter_label(e), f"{e['export_s']:.1f}", steps, vs,
                      e["nodes"], "dynamic" if e["dynamic_spatial"] else "fixed",
                      top + (f", +{more} more types" if more > 0 else ""), e["op_types"].get("GridSample", 0)])
-    t1 = markdown_table(["model", "export s", "capture + translate + optimize s", "vs Swin-T", "nodes", "H, W",
-                         "op types (most frequent)", "GridSample"], body, align="lrrrrlll")
-    body = [[r["model"], f"{r['H']}x{r['W']}", r["batch"], _ms(r["eager_ms"]), _ms(r["ort_ms"]),
+    t1 = markdown_table(["model", "exporter", "export s", "capture + translate + optimize s", "vs Swin-T", "nodes",
+                         "H, W", "op types (most frequent)", "GridSample"], body, align="llrrrrlll")
+    methods = {(e["model"], e["exporter"]): e for e in result["exports"]}
+    body = [[r["model"], _exporter_label(methods[r["model"], r["exporter"]]), f"{r['H']}x{r['W']}", r["batch"], _ms(r["eager_ms"]), _ms(r["ort_ms"]),
              f"{r['ort_speedup']:.2f}x", f"{r['rel_diff']:.1e}"] for r in result["rows"]]
-    t2 = markdown_table(["model", "size", "batch", "eager ms", "onnxruntime ms", "ort speed-up",
-                         "max abs diff / max|logit|"], body, align="lrrrrrr")
+    t2 = markdown_table(["model", "exporter", "size", "batch", "eager ms", "onnxruntime ms", "ort speed-up",
+                         "max abs diff / max|logit|"], body, align="llrrrrrr")
     return t1 + "\n\n" + t2
 
 
@@ -355,6 +367,9 @@ def main(argv: list[str] | None = None) -> int:
                         "then eager vs onnxruntime at --sizes and --batch-sizes")
     p.add_argument("--models", nargs="+", default=["dat_pp_tiny", "dat_tiny", SWIN],
                    help="--dynamic: models to export (default dat_pp_tiny dat_tiny and timm's Swin-T)")
+    p.add_argument("--exporters", nargs="+", choices=("auto", "torchscript", "dynamo"), default=["auto", "dynamo"],
+                   help="--dynamic: ONNX exporters (export_model's exporter; default: auto (the default, "
+                        "TorchScript-based) and dynamo), each model exported with each")
     p.add_argument("--sizes", nargs="+", type=lambda t: tuple(int(v) for v in t.split("x")),
                    default=[(224, 224), (257, 319)], metavar="HxW",
                    help="--dynamic: input sizes; the first is the export size (default 224x224 257x319)")

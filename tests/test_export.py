@@ -103,9 +103,9 @@ def _input_dims(path: Path) -> list:
 # ---------------------------------------------------------------------------------------------------------------
 # ONNX: the deformable module and small models of both versions
 # ---------------------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def onnx_exports(tmp_path_factory):
-    """Each model exported once with batch 2, dynamic=True, the default sampler ("gather")."""
+@pytest.fixture(scope="module", params=["torchscript", "dynamo"])
+def onnx_exports(request, tmp_path_factory):
+    """Each model exported once per ONNX exporter with batch 2, dynamic=True, the default sampler ("gather")."""
     pytest.importorskip("onnx")
     pytest.importorskip("onnxscript")
     pytest.importorskip("onnxruntime")
@@ -114,9 +114,10 @@ def onnx_exports(tmp_path_factory):
     for name, model, size in [("module", _module(), 12), ("v1", _tiny("v1"), 32), ("pp", _tiny("pp"), 32)]:
         model.train()  # export_model puts it in eval mode and must restore this
         before = _samplers(model)
-        result = export_model(model, "onnx", img_size=size, dynamic=True, output=out / f"{name}.onnx")
+        path = out / f"{name}.{request.param}.onnx"
+        result = export_model(model, "onnx", img_size=size, dynamic=True, output=path, exporter=request.param)
         cases[name] = dict(model=model, result=result, size=size, samplers_before=before,
-                           training_after=model.training, path=out / f"{name}.onnx")
+                           training_after=model.training, path=path, exporter=request.param)
     return cases
 
 
@@ -127,6 +128,7 @@ def test_onnx_matches_pytorch_with_dynamic_batch(onnx_exports, name):
     C = 16 if name == "module" else 3
     assert path.is_file() and result.path == str(path) and result.file_bytes == path.stat().st_size
     assert result.opset >= 16 and result.dynamic_batch and result.format == "onnx"
+    assert result.method.startswith({"torchscript": "torch.jit.trace", "dynamo": "torch.export"}[case["exporter"]])
     # the export's own verification ran the file at batch 2, 1 and 3 and recorded real differences
     assert [c["shape"][0] for c in result.checks][:3] == [2, 1, 3]
     assert all(0.0 <= c["max_abs_diff"] <= c["tolerance"] for c in result.checks)
@@ -312,18 +314,42 @@ def test_set_sampler_returns_previous_and_rejects_unknown():
 # ---------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["module", "v1", "pp"])
 def test_torchscript_round_trip(tmp_path, name):
+    """A trace records the size arithmetic (sizes are tensors while tracing): the file takes any batch, height and
+    width, checked by the export at three other sizes and here at three more (odd, non-square)."""
     model = _module() if name == "module" else _tiny(name)
     S, C = (12, 16) if name == "module" else (32, 3)
     path = tmp_path / f"{name}.pt"
     result = export_model(model, "torchscript", img_size=S, dynamic=True, output=path)
-    assert result.method == "torch.jit.trace" and result.dynamic_batch and not result.dynamic_spatial
-    assert [c["shape"][0] for c in result.checks] == [2, 1, 3]
+    assert result.method == "torch.jit.trace" and result.dynamic_batch and result.dynamic_spatial, result.spatial_note
+    assert [c["shape"][0] for c in result.checks] == [2, 1, 3, 1, 2, 1]
+    assert len({tuple(c["shape"][2:]) for c in result.checks}) == 4
     assert set(_samplers(model)) == {"grid_sample"} and model.training
     loaded = _jit_load(path)
     assert isinstance(loaded, torch.jit.ScriptModule)
     model.eval()
-    _check_against_pytorch(lambda x: loaded(x), model, [(1, C, S, S), (4, C, S, S)])
+    _check_against_pytorch(lambda x: loaded(x), model,
+                           [(1, C, S, S), (4, C, S, S), (1, C, S + 5, S + 5), (2, C, S + 3, S + 21)])
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left
+
+
+def test_trace_that_fixes_a_size_is_detected(tmp_path):
+    """Code that turns a traced size into a Python value (here the "fixed" bias's size check) fixes it: the
+    TorchScript file then keeps the export size and says where; the default ONNX exporter falls back to torch.export
+    (which keeps the size too, for its own reason), an explicit exporter="torchscript" keeps the trace's size."""
+    torch.manual_seed(0)
+    model = DeformableAttention2d(16, 4, offset_groups=2, stride=2, q_size=12, pos_bias="fixed").eval()
+    ts = export_model(model, "torchscript", img_size=12, dynamic=True, output=tmp_path / "fixed.pt")
+    assert ts.dynamic_batch and not ts.dynamic_spatial and "attention.py:" in ts.spatial_note, ts.spatial_note
+    assert [c["shape"] for c in ts.checks] == [[2, 16, 12, 12], [1, 16, 12, 12], [3, 16, 12, 12]]
+    lines: list[str] = []
+    auto = export_model(model, "onnx", img_size=12, dynamic=True, output=tmp_path / "a.onnx", progress=lines.append)
+    assert auto.method.startswith("torch.export") and any("falling back to torch.export" in ln for ln in lines)
+    forced = export_model(model, "onnx", img_size=12, dynamic=True, output=tmp_path / "f.onnx",
+                          exporter="torchscript")
+    assert forced.method.startswith("torch.jit.trace") and not forced.dynamic_spatial
+    assert "attention.py:" in forced.spatial_note and _input_dims(tmp_path / "f.onnx")[2:] == [12, 12]
+    with pytest.raises(ValueError, match="exporter must be None or one of"):
+        export_model(model, "onnx", img_size=12, output=tmp_path / "x.onnx", exporter="legacy")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -367,12 +393,15 @@ def test_torch_compile_inductor_fullgraph():
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
 @pytest.mark.parametrize("name", ["dat_tiny", "dat_pp_tiny"])
-def test_onnx_released_models(tmp_path, name):
-    """The released v1 and DAT++ models export with a dynamic batch, height and width (minutes each on two cores)."""
+def test_onnx_released_models(tmp_path, name, exporter):
+    """The released v1 and DAT++ models export with a dynamic batch, height and width (seconds with the
+    TorchScript-based exporter, minutes with torch.export, on two cores)."""
     torch.manual_seed(0)
     model = create_model(name).eval()
-    result = export_model(model, "onnx", img_size=224, dynamic=True, output=tmp_path / f"{name}.onnx")
+    result = export_model(model, "onnx", img_size=224, dynamic=True, output=tmp_path / f"{name}.onnx",
+                          exporter=exporter)
     assert result.op_counts.get("GridSample", 0) == 0 and result.dynamic_spatial, result.spatial_note
     session = _ort_session(tmp_path / f"{name}.onnx")
     gen = torch.Generator().manual_seed(3)

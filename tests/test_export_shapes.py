@@ -191,3 +191,92 @@ def test_stage_shares_the_tile_plan_between_blocks(monkeypatch):
         got, want = whole(feats), per_block(feats)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     torch.testing.assert_close(got, eager, rtol=1e-6, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# torch.jit.trace: sizes are 0-dim tensors while tracing; one trace must hold the code of every size
+# ---------------------------------------------------------------------------------------------------------------
+def _traced_matches_eager(module: torch.nn.Module, trace_shape, shapes, traced_hook=None) -> None:
+    """Trace ``module`` at ``trace_shape`` with the tracer's warnings as errors (a warning = a size the trace fixed),
+    (call ``traced_hook()``), then run the trace at ``shapes`` against eager mode."""
+    import warnings
+
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error", torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.\w+` is deprecated", category=FutureWarning)
+        traced = torch.jit.trace(module, (torch.randn(*trace_shape, generator=gen),), check_trace=False)
+    if traced_hook is not None:
+        traced_hook()
+    for shape in shapes:
+        x = torch.randn(*shape, generator=gen)
+        with torch.no_grad():
+            torch.testing.assert_close(traced(x), module(x), atol=1e-5, rtol=1e-5)
+
+
+def test_shape_helpers_on_traced_sizes():
+    """sym_max / sym_min / ceil_div on traced sizes are recorded (the trace gives the right value at other sizes);
+    concrete() reads the example's value without the tracer's warning."""
+    import warnings
+
+    from deformattn._shapes import concrete
+
+    seen = []
+
+    def f(x):
+        H, W = x.shape[2:]
+        seen.append((is_symbolic(H, W), concrete(H), concrete(W)))
+        n = sym_max(ceil_div(H, 4), sym_min(W, 5)) + sym_max(3, H - 20) + sym_min(H, W)
+        return x.new_zeros(1).expand(n)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.\w+` is deprecated", category=FutureWarning)
+        traced = torch.jit.trace(f, (torch.randn(1, 1, 9, 13),), check_trace=False)
+    assert seen == [(True, 9, 13)]  # traced sizes are tensors; concrete() gives their example values
+    for H, W in [(9, 13), (30, 2), (3, 40), (21, 21)]:
+        want = max(-(-H // 4), min(W, 5)) + max(3, H - 20) + min(H, W)
+        assert traced(torch.randn(1, 1, H, W)).shape == (want,) == f(torch.randn(1, 1, H, W)).shape
+    assert concrete(7) == 7 and not is_symbolic(3, 4.0)
+
+
+def test_traced_branches_window_attention():
+    torch.manual_seed(0)
+    m = WindowAttention(16, 2, 4, shift_size=2, fmap_size=8).eval()
+    _traced_matches_eager(m, (2, 16, 11, 13), [(2, 16, 9, 13), (1, 16, 15, 8), (3, 16, 8, 8), (1, 16, 3, 21)])
+
+
+@pytest.mark.parametrize("kernel_size", [3, 7])
+def test_traced_branches_neighborhood_attention(kernel_size):
+    torch.manual_seed(0)
+    m = NeighborhoodAttention2d(16, kernel_size, 2, backend="fast").eval()
+    _traced_matches_eager(m, (2, 16, 19, 23), [(2, 16, 9, 13), (1, 16, 17, 30), (1, 16, 2, 11), (2, 16, 31, 5)])
+
+
+@pytest.mark.parametrize("version", ["pp", "v1"])
+def test_traced_branches_deformable_attention(version):
+    torch.manual_seed(0)
+    m = DeformableAttention2d(16, 4, offset_groups=2, stride=2, q_size=12, pos_bias="table", version=version,
+                              offset_range_factor=2.0 if version == "v1" else -1.0, sampler="gather").eval()
+    _traced_matches_eager(m, (2, 16, 13, 15), [(2, 16, 9, 13), (1, 16, 17, 6), (1, 16, 2, 3)])
+
+
+def test_trace_shares_the_tile_plan_between_blocks(monkeypatch):
+    """Under torch.jit.trace a stage's neighborhood blocks also get one tile plan (sizes keyed by their value at the
+    example, see deformattn._shapes), and the trace matches eager mode at other sizes."""
+    import deformattn.layers.neighborhood_attention as na
+    from deformattn.models.dat import DAT
+
+    torch.manual_seed(0)
+    model = DAT(version="pp", img_size=32, num_classes=10, patch_size=2, conv_stem=False, dims=(24, 48, 96, 192),
+                stage_spec=("NNN", "ND", "ND", "D"), num_heads=(1, 2, 4, 8), nat_kernel_sizes=(5, 5, 3, 3),
+                offset_groups=(1, 1, 2, 4), strides=(4, 2, 1, 1), offset_kernel_sizes=(7, 5, 3, 3)).eval()
+    plans, counts = [], []
+    original = na.tile_plan
+    monkeypatch.setattr(na, "tile_plan", lambda *a, **k: plans.append(a[:2]) or original(*a, **k))
+    stage = model.stages[0]
+    with torch.no_grad():
+        feats = model.patch_proj(torch.randn(2, 3, 41, 53, generator=torch.Generator().manual_seed(1)))
+        _traced_matches_eager(stage, tuple(feats.shape), [(1, 24, 17, 30), (2, 24, 9, 12)],
+                              traced_hook=lambda: counts.append(len(plans)))
+    assert counts == [1]  # one plan in the trace of three neighborhood blocks

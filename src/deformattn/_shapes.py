@@ -1,8 +1,10 @@
 """Size arithmetic that works on plain ints (eager) and on symbolic sizes (``torch.export`` with a dynamic height
-and width, ``torch.compile(dynamic=True)``).
+and width, ``torch.compile(dynamic=True)``, ``torch.jit.trace``).
 
-Under ``torch.export`` a dynamic size is a ``torch.SymInt``: arithmetic on it is recorded, but a Python branch on
-it (``if pad:``, ``max(a, b)``, a dict lookup keyed by it) either fixes the size or fails. The size-dependent code
+Under ``torch.export`` a dynamic size is a ``torch.SymInt``, under ``torch.jit.trace`` (the TorchScript export and
+the TorchScript-based ONNX exporter) a 0-dim tensor: arithmetic on it is recorded, but a Python branch on it (``if
+pad:``, ``max(a, b)``, a dict lookup keyed by it) either fixes the size (``torch.jit.trace`` says so with a
+``TracerWarning``) or fails. The size-dependent code
 of the layers therefore
 
 * computes with :func:`sym_max` / :func:`ceil_div` (no branch), and
@@ -13,20 +15,23 @@ Both branches compute the same values, so the exported graph holds the one code 
 
 Tensors derived from sizes only (neighborhood-attention tile indices, window masks, reference grids) are the same
 for every block of a stage. Inside a :class:`shared_sizes` scope (one per stage forward, see
-``models.dat.TransformerStage``) :func:`shared` computes each of them once, keyed by the sizes (a symbolic size by
-its expression), and hands the same tensor to every block: an exported graph holds one copy of that arithmetic per
-stage instead of one per block (fewer nodes to capture and translate), and eager mode skips the repeats. Outside a
-scope, and while Dynamo compiles (``torch.compile``, whose graph deduplicates by itself), :func:`shared` just calls
-the function.
+``models.dat.TransformerStage``) :func:`shared` computes each of them once, keyed by the sizes, and hands the same
+tensor to every block: an exported graph holds one copy of that arithmetic per stage instead of one per block
+(fewer nodes to capture and translate), and eager mode skips the repeats. A symbolic size is keyed by its
+expression; a size ``torch.jit.trace`` records (a fresh tensor at every read) by its value at the example, which is
+exact because every block of a scope reads the same map (the same function of the input size) and a key names the
+parameters that derive its sizes from that map. Outside a scope, and while Dynamo compiles (``torch.compile``,
+whose graph deduplicates by itself), :func:`shared` just calls the function.
 """
 from __future__ import annotations
 
 import threading
+import warnings
 from typing import Any, Callable, TypeVar
 
 import torch
 
-__all__ = ["is_symbolic", "is_tracing", "sym_max", "sym_min", "ceil_div", "shared_sizes", "shared"]
+__all__ = ["is_symbolic", "is_tracing", "concrete", "sym_max", "sym_min", "ceil_div", "shared_sizes", "shared"]
 
 _T = TypeVar("_T")
 _SCOPES = threading.local()  # .stack: one dict per open shared_sizes scope, innermost last
@@ -38,17 +43,41 @@ def is_tracing() -> bool:
 
 
 def is_symbolic(*sizes: Any) -> bool:
-    """True when any of ``sizes`` is a symbolic ``torch.SymInt`` / ``SymFloat`` (a dynamic size being traced)."""
-    return any(isinstance(s, (torch.SymInt, torch.SymFloat)) for s in sizes)
+    """True when any of ``sizes`` is a size being traced: a ``torch.SymInt`` / ``SymFloat`` (``torch.export``,
+    ``torch.compile``) or a 0-dim tensor (what ``x.shape[i]`` is while ``torch.jit.trace`` records)."""
+    return any(isinstance(s, (torch.SymInt, torch.SymFloat, torch.Tensor)) for s in sizes)
+
+
+def concrete(size: Any) -> Any:
+    """The example's value of a size that ``torch.jit.trace`` records (a 0-dim tensor), for a Python decision that
+    does not change the computed values (which backend runs); anything else unchanged. Reading it this way is
+    deliberate, so the tracer's warning (which the export treats as a size fixed by mistake) is not raised."""
+    if not isinstance(size, torch.Tensor):
+        return size
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        return int(size)
+
+
+def _tensor_extreme(a: Any, b: Any, pick: Callable[[Any, Any], Any], clamp: str) -> Any:
+    """``max`` / ``min`` of two sizes of which one or both are traced 0-dim tensors, recorded as tensor ops."""
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return pick(a, b)
+    t, n = (a, b) if isinstance(a, torch.Tensor) else (b, a)
+    return t.clamp(**{clamp: n})
 
 
 def sym_max(a: Any, b: Any) -> Any:
-    """``max(a, b)`` without a branch on symbolic sizes (plain ``max`` for ints)."""
+    """``max(a, b)`` without a branch on traced sizes (plain ``max`` for ints)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return _tensor_extreme(a, b, torch.maximum, "min")
     return torch.sym_max(a, b) if is_symbolic(a, b) else max(a, b)
 
 
 def sym_min(a: Any, b: Any) -> Any:
-    """``min(a, b)`` without a branch on symbolic sizes (plain ``min`` for ints)."""
+    """``min(a, b)`` without a branch on traced sizes (plain ``min`` for ints)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return _tensor_extreme(a, b, torch.minimum, "max")
     return torch.sym_min(a, b) if is_symbolic(a, b) else min(a, b)
 
 
@@ -80,9 +109,12 @@ class shared_sizes:
 
 
 def _cache_key(part: Any) -> Any:
-    """A hashable key part: a symbolic size by its expression (``SymInt`` is not hashable), anything else as is."""
+    """A hashable key part: a symbolic size by its expression (``SymInt`` is not hashable), a size recorded by
+    ``torch.jit.trace`` by its example value (see the module docstring), anything else as is."""
     if isinstance(part, (torch.SymInt, torch.SymFloat, torch.SymBool)):
         return type(part).__name__, str(part)
+    if isinstance(part, torch.Tensor):
+        return "traced", concrete(part)
     return part
 
 

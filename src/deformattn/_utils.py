@@ -103,6 +103,8 @@ def check_image_tensor(x: Any, name: str, owner: str, channels: int | None = Non
         )
     if not x.is_floating_point():
         raise TypeError(f"{owner}: {name} must be a floating-point tensor, got dtype {x.dtype}")
+    if torch.jit.is_tracing():  # sizes are traced tensors: a check would fix them (the example was checked eagerly)
+        return
     if channels is not None and x.shape[1] != channels:
         raise ValueError(f"{owner}: {name} must have {channels} channels (dim 1), got shape {tuple(x.shape)}")
     if x.shape[2] < 1 or x.shape[3] < 1:

@@ -236,15 +236,15 @@ class DeformableAttention2d(nn.Module):
         Hk, Wk = self.key_grid_size(H, W)
         acc = DF.coord_dtype(q.dtype)
         orf, version = self.offset_range_factor, self.version
-        reference = shared(  # one grid per stage and size (deformattn._shapes.shared)
-            ("reference_points", Hk, Wk, version, orf, q.device, acc),
+        k, p, r = self.offset_kernel_size, self.offset_padding, self.stride
+        reference = shared(  # one grid per stage and size (deformattn._shapes.shared); (H, W, k, p, r) give Hk, Wk
+            ("reference_points", H, W, k, p, r, Hk, Wk, version, orf, q.device, acc),
             lambda: DF.reference_points(Hk, Wk, version=version, offset_range_factor=orf, device=q.device, dtype=acc),
         )
         if self.no_off:
             offset = q.new_zeros(B * G, 2, Hk, Wk, dtype=acc)
         else:
             q_off = q.reshape(B * G, Cg, H, W)  # BG, Cg, H, W
-            k, p = self.offset_kernel_size, self.offset_padding
             # maps shorter than the kernel get padded bottom/right so the key grid keeps >= 1 point
             pad_h, pad_w = sym_max(k - H - 2 * p, 0), sym_max(k - W - 2 * p, 0)
             if is_symbolic(H, W) or pad_h or pad_w:

@@ -170,7 +170,11 @@ def bound_offsets(
         off = torch.zeros_like(off)
     bounded = offset_range_factor > 0 if version == "v1" else offset_range_factor >= 0
     if bounded and not no_off:
-        rng = torch.tensor(offset_range(Hk, Wk, version), dtype=off.dtype, device=off.device)
+        ry, rx = offset_range(Hk, Wk, version)
+        if isinstance(ry, Tensor):  # sizes recorded by torch.jit.trace: the range stays a function of them
+            rng = torch.stack([ry, rx]).to(device=off.device, dtype=off.dtype)
+        else:
+            rng = torch.tensor((ry, rx), dtype=off.dtype, device=off.device)
         off = off.tanh().mul(rng).mul(offset_range_factor)
     if offset_range_factor >= 0:
         return off + reference

@@ -28,6 +28,8 @@ from typing import Callable, Mapping
 import torch
 from torch import Tensor
 
+from .._shapes import concrete
+
 __all__ = [
     "ENV_VAR",
     "Backend",
@@ -69,7 +71,9 @@ class Problem:
         """The problem of ``tensors`` (the first gives device and dtype; grad mode from all of them)."""
         ts = [t for t in tensors if t is not None]
         grad = torch.is_grad_enabled() and any(t.requires_grad for t in ts)
-        return cls(ts[0].device, ts[0].dtype, dict(sizes or {}), grad, plain_ops, options)
+        # a backend choice does not change the values: under torch.jit.trace it may use the example's sizes
+        plain = {name: concrete(size) for name, size in (sizes or {}).items()}
+        return cls(ts[0].device, ts[0].dtype, plain, grad, plain_ops, options)
 
 
 @dataclass(frozen=True)

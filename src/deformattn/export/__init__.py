@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from .core import (
     DEFAULT_TOLERANCES,
+    EXPORTERS,
     FORMATS,
     PRECISIONS,
     ExportError,
@@ -37,6 +38,7 @@ from .core import (
 
 __all__ = [
     "DEFAULT_TOLERANCES",
+    "EXPORTERS",
     "FORMATS",
     "PRECISIONS",
     "ExportError",

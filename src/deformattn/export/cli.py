@@ -46,7 +46,7 @@ def _non_negative_float(text: str) -> float:
 
 def _configure_export(p: argparse.ArgumentParser) -> None:
     from .core import FORMATS
-    from .onnx import DEFAULT_OPSET, MIN_OPSET
+    from .onnx import DEFAULT_OPSET, EXPORTERS, MIN_OPSET
 
     # --format and --output are required, but may come from --config: checked after parsing, shown as required here
     p.usage = (f"deformattn export [-h] (--model NAME | --checkpoint PATH) --format {{{','.join(FORMATS)}}} "
@@ -65,15 +65,18 @@ def _configure_export(p: argparse.ArgumentParser) -> None:
                    help="input height and width ('H W', or one value for both; default: the checkpoint's training "
                         "size, else the variant's input size)")
     p.add_argument("--dynamic", action=argparse.BooleanOptionalAction, default=False,
-                   help="ONNX: dynamic batch, height and width (any size >= the model's minimum; verified at three "
-                        "other sizes; the summary says if a model fixes them); TorchScript: verify at other batch "
-                        "sizes (a trace keeps its height and width)")
+                   help="dynamic batch, height and width, ONNX and TorchScript (any size >= the model's minimum; "
+                        "verified at three other sizes; the summary says if a model fixes them)")
     p.add_argument("--output", "-o", metavar="FILE", default=None, help="the file to write (required)")
     p.add_argument("--batch-size", type=int, default=2,
                    help="batch of the example input, >= 2 (default 2; verification also runs 1 and B+1 with "
                         "--dynamic)")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET,
                    help=f"ONNX opset, >= {MIN_OPSET} (default {DEFAULT_OPSET})")
+    p.add_argument("--onnx-exporter", choices=("auto", *EXPORTERS), default="auto",
+                   help="ONNX: torchscript (torch.jit.trace + torch.onnx.export(dynamo=False): seconds), dynamo "
+                        "(torch.export + torch.onnx.export(dynamo=True): minutes for a dynamic DAT), or auto "
+                        "(default: torchscript, dynamo where the trace would fix a dynamic size)")
     p.add_argument("--sampler", choices=("gather", "grid_sample", "as-built"), default="gather",
                    help="bilinear sampler of the deformable layers in the exported file: gather (default: no "
                         "GridSample node), grid_sample, or as-built (keep the model's)")
@@ -193,6 +196,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     try:
         result = export_model(net, args.format, img_size=img_size, dynamic=args.dynamic, output=output,
                               batch_size=args.batch_size, opset=args.opset, sampler=sampler,
+                              exporter=None if args.onnx_exporter == "auto" else args.onnx_exporter,
                               precision=args.precision, atol=args.atol, rtol=args.rtol, seed=args.seed,
                               verbose=args.verbose, progress=not args.quiet)
     except ExportError as exc:

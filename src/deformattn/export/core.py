@@ -12,7 +12,7 @@ The data path, top-down:
      deprecated, and it records every size computed in Python as a constant without saying so) translates it at
      ``opset`` (default 18, at least 16). With ``dynamic=True`` the batch, height and width are dynamic: the
      model's size code is shape-polymorphic (:mod:`deformattn._shapes`), so one trace at a generic size
-     (``_trace_size``) holds the code of every size. A model whose code fixes the size (``pos_bias="fixed"``)
+     (``verify.trace_size``) holds the code of every size. A model whose code fixes the size (``pos_bias="fixed"``)
      keeps its height and width, and :attr:`ExportResult.spatial_note` says why. ``dynamic="batch"`` asks for a
      dynamic batch only.
    * **TorchScript** (:mod:`.torchscript`) - ``torch.jit.trace`` (``_torchscript_bytes`` says why tracing, not
@@ -45,8 +45,8 @@ from .._utils import atomic_path, check_float, check_int, optional_import, to_2t
 from ..attention import DeformableAttention2d
 from ..functional import SAMPLERS
 from .errors import _OWNER, ExportError, ExportVerificationError
-from .onnx import DEFAULT_OPSET, MIN_OPSET, _onnx_bytes, _onnx_runner, onnx_op_counts
-from .torchscript import _torchscript_bytes, _torchscript_info, _torchscript_runner
+from .onnx import DEFAULT_OPSET, EXPORTERS, MIN_OPSET, _onnx_bytes, _onnx_runner, onnx_op_counts
+from .torchscript import _torchscript_bytes, _torchscript_runner
 from .verify import check_shapes, verify
 
 __all__ = [
@@ -55,6 +55,7 @@ __all__ = [
     "DEFAULT_TOLERANCES",
     "DEFAULT_OPSET",
     "MIN_OPSET",
+    "EXPORTERS",
     "ExportError",
     "ExportVerificationError",
     "ExportResult",
@@ -175,6 +176,7 @@ def export_model(
     batch_size: int = 2,
     in_chans: int | None = None,
     opset: int = DEFAULT_OPSET,
+    exporter: str | None = None,
     sampler: str | None = "gather",
     precision: str = "fp32",
     atol: float | None = None,
@@ -191,14 +193,17 @@ def export_model(
             the CPU. Its training flag and samplers are restored afterwards.
         fmt: ``"onnx"`` or ``"torchscript"``.
         img_size: input ``H, W`` (int or pair); default: the model's ``pretrained_cfg["input_size"]``.
-        dynamic: ONNX: dynamic batch, height and width (any size >= the model's minimum; see
-            :attr:`ExportResult.dynamic_spatial` and ``spatial_note``); ``"batch"``: a dynamic batch only.
-            TorchScript: the trace is checked at other batch sizes too (its height and width are always those of
-            the trace: sizes computed in Python become constants).
+        dynamic: dynamic batch, height and width (any size >= the model's minimum; see
+            :attr:`ExportResult.dynamic_spatial` and ``spatial_note``), ONNX and TorchScript alike; ``"batch"``: a
+            dynamic batch only.
         output: file to write (parent folders are created).
         batch_size: batch of the example input (>= 2, so that the exporter does not take batch 1 as a constant).
         in_chans: input channels; default ``model.in_chans`` (DAT) or ``model.dim`` (DeformableAttention2d).
         opset: ONNX opset, >= 16.
+        exporter: ONNX: ``"torchscript"`` (``torch.jit.trace`` + ``torch.onnx.export(dynamo=False)``: seconds),
+            ``"dynamo"`` (``torch.export`` + ``torch.onnx.export(dynamo=True)``: minutes for a DAT with a dynamic
+            height and width) or None: ``"torchscript"``, and ``"dynamo"`` when the trace would fix a dynamic size
+            (the model's code turns it into a Python value; ``pos_bias="fixed"``).
         sampler: set on every DeformableAttention2d for the export (``"gather"``: no GridSample node; ``None``: keep
             the model's). Verification compares with the model as given, so it also checks the samplers agree.
         precision: ``"fp32"`` (the model's own dtype), ``"fp16"`` or ``"bf16"``: a copy of the model is converted
@@ -230,6 +235,8 @@ def export_model(
         raise ValueError(f"{_OWNER}: output (the file to write) is required")
     if not isinstance(dynamic, bool) and dynamic != "batch":
         raise TypeError(f"{_OWNER}: dynamic must be True, False or 'batch', got {dynamic!r}")
+    if exporter is not None and exporter not in EXPORTERS:
+        raise ValueError(f"{_OWNER}: exporter must be None or one of {EXPORTERS}, got {exporter!r}")
     if sampler is not None and sampler not in SAMPLERS:
         raise ValueError(f"{_OWNER}: sampler must be None or one of {SAMPLERS}, got {sampler!r}")
     if precision not in PRECISIONS:
@@ -274,11 +281,10 @@ def export_model(
             t0 = time.perf_counter()
             xf = x.to(file_dtype)
             if fmt == "onnx":
-                data, info = _onnx_bytes(net, xf, dynamic, opset, verbose, sampler, log, timings, precision)
+                data, info = _onnx_bytes(net, xf, dynamic, opset, verbose, sampler, log, timings, precision,
+                                         exporter)
             else:
-                if log is not None:
-                    log(f"capture: torch.jit.trace at {'x'.join(str(s) for s in x.shape)} ({precision})")
-                data, info = _torchscript_bytes(net, xf), _torchscript_info(dynamic)
+                data, info = _torchscript_bytes(net, xf, dynamic, log)
                 timings["capture"] = time.perf_counter() - t0
             del net
             tmp.write_bytes(data)  # atomic_path syncs and renames it

@@ -2,6 +2,7 @@
 the graph cleanup, and the onnxruntime runner the verification uses."""
 from __future__ import annotations
 
+import io
 import time
 import warnings
 from collections import Counter
@@ -14,25 +15,14 @@ from torch import Tensor
 
 from .._utils import optional_import
 from .errors import _OWNER, ExportError, _first_line, _quiet
-from .verify import spatial_step
+from .trace import capture
+from .verify import spatial_step, trace_size
 
-__all__ = ["DEFAULT_OPSET", "MIN_OPSET", "onnx_op_counts"]
+__all__ = ["DEFAULT_OPSET", "MIN_OPSET", "EXPORTERS", "onnx_op_counts"]
 
 DEFAULT_OPSET = 18  # the opset torch 2.14's ONNX exporter targets natively (others go through a version converter)
+EXPORTERS = ("torchscript", "dynamo")  # torch.onnx.export(dynamo=False) of a trace / torch.export + dynamo=True
 MIN_OPSET = 16  # GridSample (the default sampler's node) exists from opset 16
-
-
-def _trace_size(H: int, W: int, step: int) -> tuple[int, int]:
-    """The example size a dynamic height and width are traced at: odd, non-square and large enough that no
-    size derived from it (stage maps, window and tile counts) is 1 or equal between the axes.
-
-    ``torch.export`` specialises a size that is 0 or 1 at the example, and turns a branch a library takes on a
-    size (a view or a broadcast deciding whether a dimension is 1) into a guard that holds for the example. At an
-    export size like 224 the last stage of DAT v1 has one 7x7 window, so a trace there would fix the size; traced
-    here, the graph holds the general code. It costs nothing: the trace runs on fake tensors.
-    """
-    base = 16 * max(1, step)  # the deepest map of a DAT is >= 16: >= 2 windows / tiles of up to 12 per axis
-    return max(H, base) + 3, max(W, base) + max(1, step) + 5
 
 
 def _export_program(
@@ -42,7 +32,7 @@ def _export_program(
 
     ``dynamic=True`` asks for a dynamic batch, height and width (``Dim.AUTO`` with the model's minimum size): the
     model's size-dependent code is shape-polymorphic (``deformattn._shapes``), so the program is traced once at a
-    generic example size (:func:`_trace_size`) and holds the general code. Guards that ``torch.export`` adds inside
+    generic example size (:func:`~.verify.trace_size`) and holds the general code. Guards that ``torch.export`` adds inside
     PyTorch's own ops (whether a view or a broadcast meets a dimension of 1) become runtime assertions of the
     program (``prefer_deferred_runtime_asserts_over_guards``); the ONNX graph does not carry them and its
     operators handle those cases themselves, which the verification at other sizes checks. A model whose code
@@ -61,7 +51,7 @@ def _export_program(
     if dynamic == "batch":
         reason = "dynamic='batch'"
     elif min(H, W) >= low:
-        Ht, Wt = _trace_size(H, W, spatial_step(model))
+        Ht, Wt = trace_size(H, W, spatial_step(model))
         xt = torch.randn(B, C, Ht, Wt, dtype=x.dtype)
         if log is not None:
             log(f"capture: torch.export with a dynamic batch, height and width (traced at {B}x{C}x{Ht}x{Wt})")
@@ -114,6 +104,7 @@ def _to_int(value: Any) -> int | float:
 def _onnx_bytes(
     model: nn.Module, x: Tensor, dynamic: bool | str, opset: int, verbose: bool, sampler: str | None,
     log: Callable[[str], None] | None = None, timings: dict[str, float] | None = None, precision: str = "fp32",
+    exporter: str | None = None,
 ) -> tuple[bytes, dict[str, Any]]:
     timings = {} if timings is None else timings
     with _quiet(verbose), warnings.catch_warnings():
@@ -122,32 +113,25 @@ def _onnx_bytes(
             warnings.filterwarnings("ignore", message=".*side effects happened", category=UserWarning)
             # ... which torch.export undoes afterwards (and says so)
             warnings.filterwarnings("ignore", message=".*was assigned during export", category=UserWarning)
-        t0 = time.perf_counter()
-        try:
-            ep, info = _export_program(model, x, dynamic, log)
-        except ExportError:
-            raise
-        except Exception as exc:
-            raise ExportError(f"{_OWNER}: torch.export failed: {_first_line(exc)}") from exc
-        timings["capture"] = time.perf_counter() - t0
+        ir_model, info = None, {}
+        if exporter in (None, "torchscript"):
+            ir_model, info = _translate_traced(model, x, dynamic, opset, verbose, log, timings,
+                                               fallback=exporter == "torchscript")
+            if ir_model is None and log is not None:
+                log("capture: falling back to torch.export (the TorchScript-based exporter would fix the size)")
+        if ir_model is None:
+            ir_model, info = _translate_dynamo(model, x, dynamic, opset, verbose, log, timings)
         if log is not None:
-            log(f"translate: torch.onnx.export(dynamo=True), opset {opset}")
+            log(f"optimize: deduplicate, fold constants, prune ({_ir_node_count(ir_model)} nodes)")
         t0 = time.perf_counter()
         try:
-            program = torch.onnx.export(ep, dynamo=True, opset_version=opset, input_names=["input"],
-                                        optimize=False, verbose=verbose)
-        except Exception as exc:
-            raise ExportError(f"{_OWNER}: torch.onnx.export failed: {_first_line(exc)}") from exc
-        timings["translate"] = time.perf_counter() - t0
-        if log is not None:
-            log(f"optimize: deduplicate, fold constants, prune ({_ir_node_count(program.model)} nodes)")
-        t0 = time.perf_counter()
-        try:
-            _clean_onnx(program.model)
+            _clean_onnx(ir_model)
         except Exception as exc:
             raise ExportError(f"{_OWNER}: cleaning the ONNX graph failed: {_first_line(exc)}") from exc
         timings["optimize"] = time.perf_counter() - t0
-    proto = program.model_proto
+    import onnx_ir as ir
+
+    proto = ir.serde.serialize_model(ir_model)
     _name_input_dims(proto, {0: "batch", 2: "height", 3: "width"})
     counts = onnx_op_counts(proto)
     if sampler == "gather" and counts.get("GridSample"):
@@ -167,8 +151,75 @@ def _onnx_bytes(
         entry.key, entry.value = key, value
     if proto.ByteSize() >= 2**31:
         raise ExportError(f"{_OWNER}: the ONNX model is over protobuf's 2 GB limit ({proto.ByteSize()} bytes)")
-    info.update(method="torch.export + torch.onnx.export(dynamo=True)", opset=opset, op_counts=dict(counts))
+    info.update(opset=opset, op_counts=dict(counts))
     return proto.SerializeToString(), info
+
+
+def _translate_traced(
+    model: nn.Module, x: Tensor, dynamic: bool | str, opset: int, verbose: bool,
+    log: Callable[[str], None] | None, timings: dict[str, float], fallback: bool,
+) -> tuple[Any, dict[str, Any]]:
+    """``torch.jit.trace`` (:func:`.trace.capture`) + the TorchScript-based ``torch.onnx.export(dynamo=False)``: an
+    ONNX-IR model and what is dynamic, or ``(None, info)`` when the trace fixes the size and ``fallback`` is off."""
+    import onnx
+    import onnx_ir as ir
+
+    t0 = time.perf_counter()
+    traced, xt, info = capture(model, x, dynamic, log, fallback=fallback)
+    timings["capture"] = time.perf_counter() - t0
+    if traced is None:
+        return None, info
+    axes = ({0: "batch"} if info["dynamic_batch"] else {}) | (
+        {2: "height", 3: "width"} if info["dynamic_spatial"] else {})
+    if log is not None:
+        log(f"translate: torch.onnx.export(dynamo=False) of the trace, opset {opset}")
+    t0 = time.perf_counter()
+    buffer = io.BytesIO()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*legacy TorchScript-based", category=DeprecationWarning)
+            warnings.filterwarnings("ignore", message=".*will be removed", category=DeprecationWarning)
+            # a traced module has no Python signature to match the inputs with; there is one input
+            warnings.filterwarnings("ignore", message=".*no signature found for", category=UserWarning)
+            # the exporter runs the traced module once for its example outputs: unoptimised, that run costs what
+            # an eager forward does instead of the JIT's profiling runs
+            with torch.jit.optimized_execution(False):
+                torch.onnx.export(traced, (xt,), buffer, dynamo=False, opset_version=opset, input_names=["input"],
+                                  dynamic_axes={"input": axes} if axes else None, verbose=verbose)
+        ir_model = ir.serde.deserialize_model(onnx.load_model_from_string(buffer.getvalue()))
+    except Exception as exc:
+        raise ExportError(f"{_OWNER}: torch.onnx.export(dynamo=False) failed: {_first_line(exc)}") from exc
+    timings["translate"] = time.perf_counter() - t0
+    info.pop("fixed")
+    info["method"] = "torch.jit.trace + torch.onnx.export(dynamo=False)"
+    return ir_model, info
+
+
+def _translate_dynamo(
+    model: nn.Module, x: Tensor, dynamic: bool | str, opset: int, verbose: bool,
+    log: Callable[[str], None] | None, timings: dict[str, float],
+) -> tuple[Any, dict[str, Any]]:
+    """``torch.export`` (:func:`_export_program`) + ``torch.onnx.export(dynamo=True)``: an ONNX-IR model and what is
+    dynamic."""
+    t0 = time.perf_counter()
+    try:
+        ep, info = _export_program(model, x, dynamic, log)
+    except ExportError:
+        raise
+    except Exception as exc:
+        raise ExportError(f"{_OWNER}: torch.export failed: {_first_line(exc)}") from exc
+    timings["capture"] = time.perf_counter() - t0
+    if log is not None:
+        log(f"translate: torch.onnx.export(dynamo=True), opset {opset}")
+    t0 = time.perf_counter()
+    try:
+        program = torch.onnx.export(ep, dynamo=True, opset_version=opset, input_names=["input"],
+                                    optimize=False, verbose=verbose)
+    except Exception as exc:
+        raise ExportError(f"{_OWNER}: torch.onnx.export failed: {_first_line(exc)}") from exc
+    timings["translate"] = time.perf_counter() - t0
+    info["method"] = "torch.export + torch.onnx.export(dynamo=True)"
+    return program.model, info
 
 
 def _clean_onnx(model: Any) -> None:

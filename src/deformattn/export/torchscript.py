@@ -10,46 +10,36 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .errors import _OWNER, ExportError, _first_line
+from .trace import _JIT_DEPRECATED, capture
 from .verify import flatten
 
 __all__: list[str] = []
 
 
-def _torchscript_bytes(model: nn.Module, x: Tensor) -> bytes:
-    """``torch.jit.trace`` of the model, serialised.
+def _torchscript_bytes(
+    model: nn.Module, x: Tensor, dynamic: bool | str, log: Callable[[str], None] | None = None
+) -> tuple[bytes, dict[str, Any]]:
+    """``torch.jit.trace`` of the model (:func:`.trace.capture`), serialised, and what is dynamic.
 
     Tracing, not scripting: the library is written in ordinary Python (``X | None`` annotations, f-string error
     messages, size-keyed caches, custom autograd functions), which the TorchScript compiler rejects, while tracing
-    records the tensor operations of one forward pass. With the ``"gather"`` sampler those are plain ops (the fast
-    backend's custom autograd function cannot be traced). A trace is valid for the traced height and width: sizes
-    computed in Python are recorded as constants (the verification runs it at other batch sizes when ``dynamic``).
-    ``torch.jit`` is deprecated in favour of ``torch.export``; its warnings are silenced here because the loaded
-    file is checked against the model anyway.
+    records the tensor operations of one forward pass, size arithmetic included. With the ``"gather"`` sampler those
+    are plain ops (the fast backend's custom autograd function cannot be traced). ``torch.jit`` is deprecated in
+    favour of ``torch.export``; its deprecation warnings are silenced because the loaded file is checked anyway.
     """
-    try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-            warnings.filterwarnings("ignore", message=r".*torch\.jit\.\w+` is deprecated", category=FutureWarning)
-            traced = torch.jit.trace(model, (x,), check_trace=False)
-            buffer = io.BytesIO()
-            torch.jit.save(traced, buffer)
-    except Exception as exc:
-        raise ExportError(
-            f"{_OWNER}: torch.jit.trace failed: {_first_line(exc)}. The fast backend's custom autograd functions "
-            "cannot be traced: export with sampler='gather' (the default)"
-        ) from exc
-    return buffer.getvalue()
-
-
-def _torchscript_info(dynamic: bool | str) -> dict[str, Any]:
-    return dict(method="torch.jit.trace", opset=None, dynamic_batch=bool(dynamic), dynamic_spatial=False,
-                spatial_note="fixed: a trace records the traced height and width", op_counts={})
+    traced, _, info = capture(model, x, dynamic, log)
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_JIT_DEPRECATED, category=FutureWarning)
+        torch.jit.save(traced, buffer)
+    info.pop("fixed")
+    info.update(method="torch.jit.trace", opset=None, op_counts={})
+    return buffer.getvalue(), info
 
 
 def _torchscript_runner(path: Path) -> Callable[[Tensor], list[Tensor]]:
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r".*torch\.jit\.\w+` is deprecated", category=FutureWarning)
+        warnings.filterwarnings("ignore", message=_JIT_DEPRECATED, category=FutureWarning)
         module = torch.jit.load(str(path), map_location="cpu")
     module.eval()
 

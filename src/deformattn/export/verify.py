@@ -9,7 +9,7 @@ from torch import Tensor
 
 from .errors import _OWNER, ExportVerificationError, _first_line
 
-__all__ = ["other_sizes", "spatial_step", "check_shapes", "verify", "flatten"]
+__all__ = ["other_sizes", "spatial_step", "trace_size", "check_shapes", "verify", "flatten"]
 
 
 def spatial_step(model: nn.Module) -> int:
@@ -18,6 +18,22 @@ def spatial_step(model: nn.Module) -> int:
     if callable(min_size):
         return int(min_size())
     return int(getattr(model, "stride", 1))
+
+
+def trace_size(H: int, W: int, step: int, min_steps: int = 16) -> tuple[int, int]:
+    """The example size a dynamic height and width are traced at: odd, non-square and at least ``min_steps``
+    total strides, so that no size derived from it (stage maps, window and tile counts) is 1 or equal between the
+    axes.
+
+    An exporter may specialise a size that is 0 or 1 at the example: ``torch.export`` turns a branch a library
+    takes on a size (a view or a broadcast deciding whether a dimension is 1) into a guard that holds for the
+    example. At an export size like 224 the last stage of DAT v1 has one 7x7 window, so a trace there would fix the
+    size; traced here, the graph holds the general code. ``torch.export`` traces on fake tensors (the size costs
+    nothing: 16 steps, >= 2 tiles of up to 12 per axis in the deepest map); ``torch.jit.trace`` runs the model,
+    so it takes 8 (every stage map >= 8, two windows of 7) and reports any size it fixed itself.
+    """
+    base = min_steps * max(1, step)
+    return max(H, base) + 3, max(W, base) + max(1, step) + 5
 
 
 def flatten(out: Any) -> list[Tensor]:

@@ -519,6 +519,8 @@ class DAT(nn.Module):
 
     def _check_input(self, x: Tensor) -> None:
         check_image_tensor(x, "x", _OWNER, channels=self.in_chans)
+        if torch.jit.is_tracing():  # as in check_image_tensor: the traced example was checked eagerly
+            return
         H, W = x.shape[-2:]
         need = self.min_input_size()
         if H < need or W < need:

@@ -1,0 +1,95 @@
+"""``torch.jit.trace`` capture, shared by the TorchScript file and the TorchScript-based ONNX exporter.
+
+While ``torch.jit.trace`` records, ``x.shape[i]`` is a 0-dim tensor and the library's size arithmetic
+(:mod:`deformattn._shapes`) is recorded with it, so one trace at a generic size holds the code of every size. Where
+code turns a traced size into a Python value (a branch, ``int()``, ``range``), the trace fixes that size and the
+tracer says so with a ``TracerWarning``: :func:`trace_model` collects those places, and :func:`capture` then treats
+the trace as valid at its own height and width only.
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from .errors import _OWNER, ExportError, _first_line
+from .verify import spatial_step, trace_size
+
+__all__: list[str] = []
+
+_JIT_DEPRECATED = r".*torch\.jit\.\w+` is deprecated"
+
+
+def trace_model(model: nn.Module, x: Tensor) -> tuple[torch.jit.ScriptModule, list[str]]:
+    """``torch.jit.trace(model, x)`` without autograd, and the places (``file:line``) where the trace fixed a size.
+
+    Warnings other than the tracer's and ``torch.jit``'s deprecation notice are passed on.
+    """
+    try:
+        with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            warnings.filterwarnings("ignore", message=_JIT_DEPRECATED, category=FutureWarning)
+            traced = torch.jit.trace(model, (x,), check_trace=False)
+    except Exception as exc:
+        raise ExportError(
+            f"{_OWNER}: torch.jit.trace failed: {_first_line(exc)}. The fast backend's custom autograd functions "
+            "cannot be traced: export with sampler='gather' (the default)"
+        ) from exc
+    fixed: list[str] = []
+    for w in caught:
+        if issubclass(w.category, torch.jit.TracerWarning):
+            place = f"{Path(w.filename).name}:{w.lineno}"
+            if place not in fixed:
+                fixed.append(place)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return traced, fixed
+
+
+def capture(
+    model: nn.Module, x: Tensor, dynamic: bool | str, log: Callable[[str], None] | None = None,
+    fallback: bool = True,
+) -> tuple[torch.jit.ScriptModule | None, Tensor, dict[str, Any]]:
+    """Trace ``model`` for an export at ``x``'s shape.
+
+    ``dynamic=True``: traced once at a generic size (:func:`~.verify.trace_size`); if that trace fixed no size, its
+    batch, height and width are dynamic. If it fixed one: with ``fallback`` the model is traced again at ``x``
+    (batch dynamic, height and width fixed, ``spatial_note`` says where), without it the result is ``None`` (the
+    caller uses another exporter). ``dynamic="batch"`` / ``False``: traced at ``x``.
+
+    Returns:
+        the traced module (or None), the example it was traced with, and ``dynamic_batch``, ``dynamic_spatial``,
+        ``spatial_note``, ``fixed`` (the ``file:line`` places that fixed a size).
+    """
+    B, C, H, W = x.shape
+    step = spatial_step(model)
+    low = max(2, step)
+    if dynamic is True and min(H, W) >= low:
+        Ht, Wt = trace_size(H, W, step, min_steps=8)
+        xt = torch.randn(B, C, Ht, Wt, dtype=x.dtype)
+        if log is not None:
+            log(f"capture: torch.jit.trace at {B}x{C}x{Ht}x{Wt} (sizes recorded: dynamic batch, height and width)")
+        traced, fixed = trace_model(model, xt)
+        if not fixed:
+            return traced, xt, dict(dynamic_batch=True, dynamic_spatial=True, fixed=[],
+                                    spatial_note=f"height and width >= {low}")
+        where = ", ".join(fixed[:4]) + (f" and {len(fixed) - 4} more" if len(fixed) > 4 else "")
+        reason = f"the model's code turns the traced size into Python values at {where}"
+        if log is not None:
+            log(f"capture: the trace fixes the size: {reason}")
+        if not fallback:
+            return None, xt, dict(dynamic_batch=True, dynamic_spatial=False, fixed=fixed,
+                                  spatial_note=f"fixed: {reason}")
+    elif dynamic is True:
+        reason, fixed = f"img_size below {low}", []
+    else:
+        reason, fixed = ("dynamic='batch'" if dynamic else "dynamic=False"), []
+    if log is not None:
+        log(f"capture: torch.jit.trace at {'x'.join(map(str, x.shape))}")
+    traced, more = trace_model(model, x)
+    return traced, x, dict(dynamic_batch=bool(dynamic), dynamic_spatial=False, fixed=fixed or more,
+                           spatial_note=f"fixed: {reason}" if dynamic else reason)
