@@ -158,6 +158,8 @@ def test_onnx_grid_sample_path_keeps_gridsample(tmp_path):
     and it still matches."""
     model = _module().eval()
     result = export_model(model, "onnx", img_size=12, output=tmp_path / "gs.onnx", sampler=None)
+    # the fast backend's autograd function cannot be traced: the default exporter fell back to torch.export
+    assert result.method.startswith("torch.export")
     counts = onnx_op_counts(tmp_path / "gs.onnx")
     assert counts["GridSample"] >= 2 and result.op_counts["GridSample"] == counts["GridSample"]
     session = _ort_session(tmp_path / "gs.onnx")
@@ -332,22 +334,38 @@ def test_torchscript_round_trip(tmp_path, name):
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left
 
 
+class _SizeBranch(nn.Module):
+    """Runs at any size, but branches on the width in Python: a trace is right at its own width only."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 2 if x.shape[-1] > 9 else x - 1
+
+
 def test_trace_that_fixes_a_size_is_detected(tmp_path):
-    """Code that turns a traced size into a Python value (here the "fixed" bias's size check) fixes it: the
-    TorchScript file then keeps the export size and says where; the default ONNX exporter falls back to torch.export
-    (which keeps the size too, for its own reason), an explicit exporter="torchscript" keeps the trace's size."""
+    """Code that turns a traced size into a Python value fixes it (the tracer warns): the TorchScript file and an
+    explicit exporter="torchscript" ONNX file keep the export size and name the line."""
+    model = _SizeBranch()
+    for fmt, path, kwargs in [("torchscript", tmp_path / "b.pt", {}),
+                              ("onnx", tmp_path / "b.onnx", {"exporter": "torchscript"})]:
+        result = export_model(model, fmt, img_size=8, in_chans=3, dynamic=True, output=path, **kwargs)
+        assert result.dynamic_batch and not result.dynamic_spatial, result.spatial_note
+        assert "turns the traced size into Python values at test_export.py:" in result.spatial_note
+        assert [c["shape"] for c in result.checks] == [[2, 3, 8, 8], [1, 3, 8, 8], [3, 3, 8, 8]]
+    assert _input_dims(tmp_path / "b.onnx") == ["batch", 3, 8, 8]
+
+
+def test_model_that_refuses_other_sizes(tmp_path):
+    """pos_bias="fixed" refuses other sizes: the trace at the generic size fails, TorchScript keeps the export size
+    and says why; the default ONNX exporter falls back to torch.export (which keeps the size too)."""
     torch.manual_seed(0)
     model = DeformableAttention2d(16, 4, offset_groups=2, stride=2, q_size=12, pos_bias="fixed").eval()
     ts = export_model(model, "torchscript", img_size=12, dynamic=True, output=tmp_path / "fixed.pt")
-    assert ts.dynamic_batch and not ts.dynamic_spatial and "attention.py:" in ts.spatial_note, ts.spatial_note
-    assert [c["shape"] for c in ts.checks] == [[2, 16, 12, 12], [1, 16, 12, 12], [3, 16, 12, 12]]
+    assert ts.dynamic_batch and not ts.dynamic_spatial
+    assert "does not run at" in ts.spatial_note and "pos_bias='fixed'" in ts.spatial_note, ts.spatial_note
     lines: list[str] = []
     auto = export_model(model, "onnx", img_size=12, dynamic=True, output=tmp_path / "a.onnx", progress=lines.append)
-    assert auto.method.startswith("torch.export") and any("falling back to torch.export" in ln for ln in lines)
-    forced = export_model(model, "onnx", img_size=12, dynamic=True, output=tmp_path / "f.onnx",
-                          exporter="torchscript")
-    assert forced.method.startswith("torch.jit.trace") and not forced.dynamic_spatial
-    assert "attention.py:" in forced.spatial_note and _input_dims(tmp_path / "f.onnx")[2:] == [12, 12]
+    assert auto.method.startswith("torch.export") and not auto.dynamic_spatial
+    assert any("falling back to torch.export" in ln for ln in lines), lines
     with pytest.raises(ValueError, match="exporter must be None or one of"):
         export_model(model, "onnx", img_size=12, output=tmp_path / "x.onnx", exporter="legacy")
 
@@ -448,10 +466,11 @@ def test_cli_torchscript_from_training_checkpoint(tmp_path, checkpoint, capsys):
     assert status == 0, stderr
     assert "dat_nano (weights from" in stdout
     diffs = [float(d) for d in re.findall(r"max abs diff ([0-9.e+-]+)", stdout)]
-    assert len(diffs) == 3 and max(diffs) <= 1e-4
+    assert len(diffs) == 6 and max(diffs) <= 1e-4  # batches 2, 1, 3 and three other sizes
+    assert "size dynamic" in stdout
     model = create_model("dat_nano", checkpoint_path=checkpoint).eval()  # the checkpoint's model, its weights
     loaded = _jit_load(out)
-    _check_against_pytorch(lambda x: loaded(x), model, [(3, 3, 32, 32)])
+    _check_against_pytorch(lambda x: loaded(x), model, [(3, 3, 32, 32), (1, 3, 45, 38)])
     assert [p.name for p in out.parent.iterdir()] == ["model.pt"]
 
 

@@ -6,7 +6,8 @@ Each headline figure of README.md is compared with the file the script that meas
 * the viz figure's prediction: the same file (``viz``) and ``docs/viz_digits.json``;
 * the FLOPs table: ``benchmarks/results/flops_table.json`` (``benchmarks/flops_table.py``);
 * the complexity table: ``docs/complexity.json`` (``deformattn complexity``);
-* the backbone speed table: ``benchmarks/results/models.json`` (``benchmarks/models.py``).
+* the backbone speed table: ``benchmarks/results/models.json`` (``benchmarks/models.py``);
+* the export times: ``benchmarks/results/export_dynamic.json`` (``benchmarks/export.py --dynamic``).
 """
 from __future__ import annotations
 
@@ -130,6 +131,26 @@ def test_backbone_speed_table():
         row = next((line for line in text.splitlines() if line.startswith(f"| `{model}` |")), None)
         assert row is not None, f"README's speed table has no row for {model}"
         assert f"{fast} / {ref}" in row and ratio in row, (model, mode, fast, ref, ratio, row)
+
+
+def export_figures(report: dict) -> list[str]:
+    """The strings the Deploy section quotes from ``export_dynamic.json``: per exporter the seconds and node counts
+    of each model with its ratio to Swin-T, the range of onnxruntime / eager, the date and the machine."""
+    m = report["machine"]
+    out = [report["created"][:10], f"{m['cpu']}", f"float32 matmul {m['matmul_gflops']:.0f} GFLOP/s"]
+    for e in report["exports"]:
+        out.append(f"{e['model']}` {e['export_s']:.1f} s" if e["vs_swin"] is None or e["model"].startswith("swin")
+                   else f"{e['model']}` {e['export_s']:.1f} s ({e['vs_swin']:.2f}x, {e['nodes']} nodes)")
+    speedups = [r["ort_speedup"] for r in report["rows"] if not r["model"].startswith("swin")]
+    out.append(f"{min(speedups):.2f}x to {max(speedups):.2f}x")
+    return out
+
+
+def test_export_figures():
+    report = _load("benchmarks/results/export_dynamic.json")
+    text = " ".join(_section("Deploy").split())
+    missing = [f for f in export_figures(report) if f not in text]
+    assert not missing, f"the Deploy section does not quote benchmarks/results/export_dynamic.json: {missing}"
 
 
 def test_extras_table_matches_pyproject():

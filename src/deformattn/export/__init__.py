@@ -15,8 +15,11 @@ raising :class:`ExportVerificationError` above the tolerance::
 :class:`~deformattn.DeformableAttention2d` to the gather-only bilinear sampler for the export (see
 :func:`set_sampler`), so the ONNX graph has no ``GridSample`` node; the model is restored afterwards.
 
-Layout: :mod:`.core` (``export_model``, the result and the sampler switch), :mod:`.onnx` (capture, translation,
-cleanup), :mod:`.torchscript` (tracing), :mod:`.verify` (the checked sizes and the comparison), :mod:`.errors`.
+Layout: :mod:`.core` (``export_model``, the result and the sampler switch), :mod:`.trace` (``torch.jit.trace``
+capture with the size arithmetic recorded, and the places where a trace fixed a size), :mod:`.onnx` (both ONNX
+exporters: the trace through ``torch.onnx.export(dynamo=False)``, or ``torch.export`` through ``dynamo=True``;
+cleanup), :mod:`.torchscript` (the trace, saved), :mod:`.verify` (the checked sizes and the comparison),
+:mod:`.errors`.
 
 ``torch.compile(model, fullgraph=True)`` needs nothing from this package: the models compile without graph
 breaks for inference (see the README's Export section).

@@ -7,16 +7,19 @@ The data path, top-down:
    ``precision="fp16"``/``"bf16"`` exports a converted copy.
 2. The file is produced in a temporary file next to ``output``:
 
-   * **ONNX** (:mod:`.onnx`) - ``_export_program`` captures the model with ``torch.export.export(strict=False)``; then
-     ``torch.onnx.export(program, dynamo=True)`` (the exporter torch >= 2.9 recommends; the TorchScript-based one is
-     deprecated, and it records every size computed in Python as a constant without saying so) translates it at
-     ``opset`` (default 18, at least 16). With ``dynamic=True`` the batch, height and width are dynamic: the
-     model's size code is shape-polymorphic (:mod:`deformattn._shapes`), so one trace at a generic size
-     (``verify.trace_size``) holds the code of every size. A model whose code fixes the size (``pos_bias="fixed"``)
-     keeps its height and width, and :attr:`ExportResult.spatial_note` says why. ``dynamic="batch"`` asks for a
-     dynamic batch only.
-   * **TorchScript** (:mod:`.torchscript`) - ``torch.jit.trace`` (``_torchscript_bytes`` says why tracing, not
-     scripting).
+   * **ONNX** (:mod:`.onnx`), two exporters (``exporter=``). ``"torchscript"`` (the default): ``torch.jit.trace``
+     (:mod:`.trace`), during which every ``x.shape[i]`` is a tensor, so the model's shape-polymorphic size code
+     (:mod:`deformattn._shapes`) is recorded, then ``torch.onnx.export(dynamo=False)`` of the trace; where the
+     trace would fix a dynamic size (the tracer warns: code turned a traced size into a Python value, e.g.
+     ``pos_bias="fixed"``) the default falls back to ``"dynamo"``: ``_export_program`` captures the model with
+     ``torch.export.export(strict=False)`` and symbolic sizes, then ``torch.onnx.export(program, dynamo=True)``
+     translates it (the exporter torch >= 2.9 recommends; the TorchScript-based one is deprecated but shipped).
+     Either way one capture at a generic size (``verify.trace_size``) holds the code of every size, at ``opset``
+     (default 18, at least 16), and the graph is cleaned (common subexpressions, constants, dead nodes). A model
+     whose code fixes the size keeps its height and width, and :attr:`ExportResult.spatial_note` says why.
+     ``dynamic="batch"`` asks for a dynamic batch only.
+   * **TorchScript** (:mod:`.torchscript`) - the same ``torch.jit.trace`` (``_torchscript_bytes`` says why
+     tracing, not scripting), dynamic like the ONNX file where the trace fixed no size.
 
 3. (:mod:`.verify`) The temporary file is loaded back (onnxruntime, CPU execution provider / ``torch.jit.load``) and run on fresh
    random batches: the export shape, and with ``dynamic=True`` batches of 1 and ``batch_size + 1`` (and, when the

@@ -114,11 +114,16 @@ def _onnx_bytes(
             # ... which torch.export undoes afterwards (and says so)
             warnings.filterwarnings("ignore", message=".*was assigned during export", category=UserWarning)
         ir_model, info = None, {}
-        if exporter in (None, "torchscript"):
-            ir_model, info = _translate_traced(model, x, dynamic, opset, verbose, log, timings,
-                                               fallback=exporter == "torchscript")
+        if exporter == "torchscript":
+            ir_model, info = _translate_traced(model, x, dynamic, opset, verbose, log, timings, fallback=True)
+        elif exporter is None:
+            try:
+                ir_model, info = _translate_traced(model, x, dynamic, opset, verbose, log, timings, fallback=False)
+                reason = "the trace would fix the size"
+            except ExportError as exc:  # e.g. a custom autograd function (sampler=None on the fast backend)
+                reason = str(exc).removeprefix(f"{_OWNER}: ")
             if ir_model is None and log is not None:
-                log("capture: falling back to torch.export (the TorchScript-based exporter would fix the size)")
+                log(f"capture: falling back to torch.export ({reason})")
         if ir_model is None:
             ir_model, info = _translate_dynamo(model, x, dynamic, opset, verbose, log, timings)
         if log is not None:

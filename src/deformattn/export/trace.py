@@ -34,10 +34,12 @@ def trace_model(model: nn.Module, x: Tensor) -> tuple[torch.jit.ScriptModule, li
             warnings.simplefilter("always")
             warnings.filterwarnings("ignore", message=_JIT_DEPRECATED, category=FutureWarning)
             traced = torch.jit.trace(model, (x,), check_trace=False)
+    except (ValueError, TypeError) as exc:  # the model's own argument checks
+        raise ExportError(f"{_OWNER}: torch.jit.trace failed: {_first_line(exc)}") from exc
     except Exception as exc:
         raise ExportError(
-            f"{_OWNER}: torch.jit.trace failed: {_first_line(exc)}. The fast backend's custom autograd functions "
-            "cannot be traced: export with sampler='gather' (the default)"
+            f"{_OWNER}: torch.jit.trace failed: {_first_line(exc)}. Custom autograd functions (the fast backend's "
+            "with sampler=None) cannot be traced: export with sampler='gather' (the default)"
         ) from exc
     fixed: list[str] = []
     for w in caught:
@@ -73,12 +75,17 @@ def capture(
         xt = torch.randn(B, C, Ht, Wt, dtype=x.dtype)
         if log is not None:
             log(f"capture: torch.jit.trace at {B}x{C}x{Ht}x{Wt} (sizes recorded: dynamic batch, height and width)")
-        traced, fixed = trace_model(model, xt)
-        if not fixed:
+        try:
+            traced, fixed = trace_model(model, xt)
+        except ExportError as exc:  # the model refuses other sizes (pos_bias="fixed" checks its size)
+            cause = exc.__cause__ if exc.__cause__ is not None else exc
+            traced, fixed = None, [f"the model does not run at {Ht}x{Wt}: {_first_line(cause)}"]
+        if traced is not None and not fixed:
             return traced, xt, dict(dynamic_batch=True, dynamic_spatial=True, fixed=[],
                                     spatial_note=f"height and width >= {low}")
         where = ", ".join(fixed[:4]) + (f" and {len(fixed) - 4} more" if len(fixed) > 4 else "")
-        reason = f"the model's code turns the traced size into Python values at {where}"
+        reason = (f"the model's code turns the traced size into Python values at {where}" if traced is not None
+                  else fixed[0])
         if log is not None:
             log(f"capture: the trace fixes the size: {reason}")
         if not fallback:
