@@ -204,20 +204,23 @@ def grid_sample_gather(input: Tensor, grid: Tensor) -> Tensor:
     iy = (grid[..., 1] + 1.0) * (0.5 * (H - 1))
     x0, y0 = torch.floor(ix), torch.floor(iy)
     wx1, wy1 = ix - x0, iy - y0
-    # per axis once (not per tap): each tap's clamped position and its weight, zero outside the map
+    # per axis once (not per tap): each tap's clamped position and its weight, zero outside the map (where the
+    # clamp moved the position)
     xs, ys = [], []
     for p0, w1, size, out_list in ((x0, wx1, W, xs), (y0, wy1, H, ys)):
         for d, w in ((0, 1.0 - w1), (1, w1)):
             p = p0 + d
-            inside = (p >= 0) & (p <= size - 1)
-            out_list.append((p.clamp(0, size - 1), torch.where(inside, w, 0.0)))
-    flat = input.reshape(N, C, H * W)
-    out = torch.zeros(N, C, Ho * Wo, dtype=acc, device=input.device)
-    for yi, wy in ys:
-        for xi, wx in xs:
-            idx = (yi * W + xi).to(torch.int64).reshape(N, 1, Ho * Wo)
-            out = out + _to(torch.gather(flat, 2, idx.expand(N, C, Ho * Wo)), acc) * (wx * wy).reshape(N, 1, Ho * Wo)
-    return _to(out.reshape(N, C, Ho, Wo), input.dtype)
+            pc = p.clamp(0, size - 1)
+            out_list.append((pc, torch.where(pc == p, w, 0.0)))
+    # the four taps in one gather, and flatten / unsqueeze / expand(-1, C, -1) rather than reshapes to spelled-out
+    # sizes: the same values, and a trace for export records a quarter of the ops and no size arithmetic for them
+    rows = [yi * W for yi, _ in ys]
+    idx = torch.stack([r + xi for r in rows for xi, _ in xs], 1).to(torch.int64)  # N, 4, Ho, Wo
+    wts = torch.stack([wy * wx for _, wy in ys for _, wx in xs], 1).flatten(1).unsqueeze(1)  # N, 1, 4*Ho*Wo
+    taps = _to(torch.gather(input.flatten(2), 2, idx.flatten(1).unsqueeze(1).expand(-1, C, -1)), acc) * wts
+    t00, t01, t10, t11 = taps.unflatten(2, (4, -1)).unbind(2)  # N, C, Ho*Wo each
+    out = t00 + t01 + t10 + t11  # tap by tap, in grid_sample's order
+    return _to(out.unflatten(2, (Ho, Wo)), input.dtype)
 
 
 def _to(t: Tensor, dtype: torch.dtype) -> Tensor:

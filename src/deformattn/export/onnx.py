@@ -130,7 +130,7 @@ def _onnx_bytes(
             log(f"optimize: deduplicate, fold constants, prune ({_ir_node_count(ir_model)} nodes)")
         t0 = time.perf_counter()
         try:
-            _clean_onnx(ir_model)
+            _clean_onnx(ir_model, fold=not info["method"].startswith("torch.jit"))
         except Exception as exc:
             raise ExportError(f"{_OWNER}: cleaning the ONNX graph failed: {_first_line(exc)}") from exc
         timings["optimize"] = time.perf_counter() - t0
@@ -164,40 +164,54 @@ def _translate_traced(
     model: nn.Module, x: Tensor, dynamic: bool | str, opset: int, verbose: bool,
     log: Callable[[str], None] | None, timings: dict[str, float], fallback: bool,
 ) -> tuple[Any, dict[str, Any]]:
-    """``torch.jit.trace`` (:func:`.trace.capture`) + the TorchScript-based ``torch.onnx.export(dynamo=False)``: an
-    ONNX-IR model and what is dynamic, or ``(None, info)`` when the trace fixes the size and ``fallback`` is off."""
+    """The TorchScript-based ``torch.onnx.export(dynamo=False)`` of the model, which traces it (``torch.jit.trace``
+    semantics, :func:`.trace.capture`): an ONNX-IR model and what is dynamic, or ``(None, info)`` when the trace
+    fixes the size and ``fallback`` is off.
+
+    The exporter is given the module, not a ``torch.jit.trace`` of it: it traces the module itself and keeps that
+    forward's outputs, where a traced module would be run once more for them. A forward hook on the module marks
+    the end of the trace (the capture / translate split of ``timings``).
+    """
     import onnx
     import onnx_ir as ir
 
     t0 = time.perf_counter()
-    traced, xt, info = capture(model, x, dynamic, log, fallback=fallback)
-    timings["capture"] = time.perf_counter() - t0
-    if traced is None:
-        return None, info
-    axes = ({0: "batch"} if info["dynamic_batch"] else {}) | (
-        {2: "height", 3: "width"} if info["dynamic_spatial"] else {})
-    if log is not None:
-        log(f"translate: torch.onnx.export(dynamo=False) of the trace, opset {opset}")
-    t0 = time.perf_counter()
-    buffer = io.BytesIO()
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*legacy TorchScript-based", category=DeprecationWarning)
-            warnings.filterwarnings("ignore", message=".*will be removed", category=DeprecationWarning)
-            # a traced module has no Python signature to match the inputs with; there is one input
-            warnings.filterwarnings("ignore", message=".*no signature found for", category=UserWarning)
-            # the exporter runs the traced module once for its example outputs: unoptimised, that run costs what
-            # an eager forward does instead of the JIT's profiling runs
-            with torch.jit.optimized_execution(False):
-                torch.onnx.export(traced, (xt,), buffer, dynamo=False, opset_version=opset, input_names=["input"],
+    marks: list[float] = []
+
+    def run(xt: Tensor, dynamic_spatial: bool) -> bytes:
+        axes = ({0: "batch"} if dynamic else {}) | ({2: "height", 3: "width"} if dynamic_spatial else {})
+        buffer = io.BytesIO()
+        marks.clear()
+        handle = model.register_forward_hook(lambda *_: _traced_mark(marks, log, opset))
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*legacy TorchScript-based", category=DeprecationWarning)
+                warnings.filterwarnings("ignore", message=".*will be removed", category=DeprecationWarning)
+                torch.onnx.export(model, (xt,), buffer, dynamo=False, opset_version=opset, input_names=["input"],
                                   dynamic_axes={"input": axes} if axes else None, verbose=verbose)
-        ir_model = ir.serde.deserialize_model(onnx.load_model_from_string(buffer.getvalue()))
+        finally:
+            handle.remove()
+        return buffer.getvalue()
+
+    data, _, info = capture(model, x, dynamic, run, "torch.onnx.export(dynamo=False) tracing the model", log,
+                            fallback=fallback)
+    if data is None:
+        return None, info
+    t_traced = marks[-1] if marks else t0
+    timings["capture"], timings["translate"] = t_traced - t0, time.perf_counter() - t_traced
+    try:
+        ir_model = ir.serde.deserialize_model(onnx.load_model_from_string(data))
     except Exception as exc:
-        raise ExportError(f"{_OWNER}: torch.onnx.export(dynamo=False) failed: {_first_line(exc)}") from exc
-    timings["translate"] = time.perf_counter() - t0
-    info.pop("fixed")
+        raise ExportError(f"{_OWNER}: reading the exported ONNX graph failed: {_first_line(exc)}") from exc
     info["method"] = "torch.jit.trace + torch.onnx.export(dynamo=False)"
     return ir_model, info
+
+
+def _traced_mark(marks: list[float], log: Callable[[str], None] | None, opset: int) -> None:
+    """Forward hook of the traced module: the trace is recorded, translation starts."""
+    marks.append(time.perf_counter())
+    if log is not None:
+        log(f"translate: torch.onnx.export(dynamo=False) of the trace, opset {opset}")
 
 
 def _translate_dynamo(
@@ -227,7 +241,7 @@ def _translate_dynamo(
     return program.model, info
 
 
-def _clean_onnx(model: Any) -> None:
+def _clean_onnx(model: Any, fold: bool = True) -> None:
     """Shrink the translated graph in place: the passes of ``torch.onnx.export(optimize=True)`` that pay off here.
 
     The translation repeats the size arithmetic of every block (``Shape``, ``Gather``, ``Range``, comparisons):
@@ -235,6 +249,8 @@ def _clean_onnx(model: Any) -> None:
     inference, cheap on the deduplicated graph) and dead nodes pruned. ``optimize=True`` runs the folding and the
     onnxscript pattern rewriter on the graph as translated, which took minutes on a DAT (the rewriter alone is
     seconds for a few percent of the nodes); onnxruntime fuses patterns itself when it builds a session.
+    ``fold=False`` skips the folding: the TorchScript-based exporter has folded the constants it can already, and
+    onnxscript's folding then costs more than the few percent of nodes it removes.
     """
     import onnx_ir.passes.common as passes
     from onnxscript.optimizer import fold_constants_ir
@@ -242,8 +258,9 @@ def _clean_onnx(model: Any) -> None:
     passes.InlinePass()(model)
     passes.CommonSubexpressionEliminationPass()(model)
     passes.RemoveUnusedNodesPass()(model)
-    fold_constants_ir(model, onnx_shape_inference=True)
-    passes.RemoveUnusedNodesPass()(model)
+    if fold:
+        fold_constants_ir(model, onnx_shape_inference=True)
+        passes.RemoveUnusedNodesPass()(model)
     passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
     passes.DeduplicateInitializersPass()(model)
     passes.CommonSubexpressionEliminationPass()(model)

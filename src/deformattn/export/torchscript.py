@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .trace import _JIT_DEPRECATED, capture
+from .trace import _JIT_DEPRECATED, capture, jit_trace
 from .verify import flatten
 
 __all__: list[str] = []
@@ -27,12 +27,11 @@ def _torchscript_bytes(
     are plain ops (the fast backend's custom autograd function cannot be traced). ``torch.jit`` is deprecated in
     favour of ``torch.export``; its deprecation warnings are silenced because the loaded file is checked anyway.
     """
-    traced, _, info = capture(model, x, dynamic, log)
+    module, _, info = capture(model, x, dynamic, jit_trace(model), "torch.jit.trace", log)
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_JIT_DEPRECATED, category=FutureWarning)
-        torch.jit.save(traced, buffer)
-    info.pop("fixed")
+        torch.jit.save(module, buffer)
     info.update(method="torch.jit.trace", opset=None, op_counts={})
     return buffer.getvalue(), info
 

@@ -3,14 +3,14 @@
 While ``torch.jit.trace`` records, ``x.shape[i]`` is a 0-dim tensor and the library's size arithmetic
 (:mod:`deformattn._shapes`) is recorded with it, so one trace at a generic size holds the code of every size. Where
 code turns a traced size into a Python value (a branch, ``int()``, ``range``), the trace fixes that size and the
-tracer says so with a ``TracerWarning``: :func:`trace_model` collects those places, and :func:`capture` then treats
-the trace as valid at its own height and width only.
+tracer says so with a ``TracerWarning``: :func:`traced` collects those places, and :func:`capture` then treats the
+trace as valid at its own height and width only.
 """
 from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 import torch
 import torch.nn as nn
@@ -22,10 +22,15 @@ from .verify import spatial_step, trace_size
 __all__: list[str] = []
 
 _JIT_DEPRECATED = r".*torch\.jit\.\w+` is deprecated"
+_T = TypeVar("_T")
+
+# what a trace run gets: the example input and whether its height and width are to be dynamic
+TraceRun = Callable[[Tensor, bool], _T]
 
 
-def trace_model(model: nn.Module, x: Tensor) -> tuple[torch.jit.ScriptModule, list[str]]:
-    """``torch.jit.trace(model, x)`` without autograd, and the places (``file:line``) where the trace fixed a size.
+def traced(run: Callable[[], _T], what: str) -> tuple[_T, list[str]]:
+    """``run()`` (something that traces the model: ``torch.jit.trace``, or the TorchScript-based ONNX exporter,
+    which traces it itself) without autograd, and the places (``file:line``) where the trace fixed a size.
 
     Warnings other than the tracer's and ``torch.jit``'s deprecation notice are passed on.
     """
@@ -33,13 +38,13 @@ def trace_model(model: nn.Module, x: Tensor) -> tuple[torch.jit.ScriptModule, li
         with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             warnings.filterwarnings("ignore", message=_JIT_DEPRECATED, category=FutureWarning)
-            traced = torch.jit.trace(model, (x,), check_trace=False)
+            result = run()
     except (ValueError, TypeError) as exc:  # the model's own argument checks
-        raise ExportError(f"{_OWNER}: torch.jit.trace failed: {_first_line(exc)}") from exc
+        raise ExportError(f"{_OWNER}: {what} failed: {_first_line(exc)}") from exc
     except Exception as exc:
         raise ExportError(
-            f"{_OWNER}: torch.jit.trace failed: {_first_line(exc)}. Custom autograd functions (the fast backend's "
-            "with sampler=None) cannot be traced: export with sampler='gather' (the default)"
+            f"{_OWNER}: {what} failed: {_first_line(exc)}. Custom autograd functions (the fast backend's with "
+            "sampler=None) cannot be traced: export with sampler='gather' (the default)"
         ) from exc
     fixed: list[str] = []
     for w in caught:
@@ -49,23 +54,28 @@ def trace_model(model: nn.Module, x: Tensor) -> tuple[torch.jit.ScriptModule, li
                 fixed.append(place)
         else:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    return traced, fixed
+    return result, fixed
+
+
+def jit_trace(model: nn.Module) -> TraceRun[torch.jit.ScriptModule]:
+    """A :data:`TraceRun` of ``torch.jit.trace(model, x)``."""
+    return lambda x, dynamic_spatial: torch.jit.trace(model, (x,), check_trace=False)
 
 
 def capture(
-    model: nn.Module, x: Tensor, dynamic: bool | str, log: Callable[[str], None] | None = None,
-    fallback: bool = True,
-) -> tuple[torch.jit.ScriptModule | None, Tensor, dict[str, Any]]:
-    """Trace ``model`` for an export at ``x``'s shape.
+    model: nn.Module, x: Tensor, dynamic: bool | str, run: TraceRun[_T], what: str,
+    log: Callable[[str], None] | None = None, fallback: bool = True,
+) -> tuple[_T | None, Tensor, dict[str, Any]]:
+    """Trace ``model`` (``run``) for an export at ``x``'s shape.
 
     ``dynamic=True``: traced once at a generic size (:func:`~.verify.trace_size`); if that trace fixed no size, its
-    batch, height and width are dynamic. If it fixed one: with ``fallback`` the model is traced again at ``x``
-    (batch dynamic, height and width fixed, ``spatial_note`` says where), without it the result is ``None`` (the
-    caller uses another exporter). ``dynamic="batch"`` / ``False``: traced at ``x``.
+    batch, height and width are dynamic. If it fixed one (or the model refuses that size): with ``fallback`` the
+    model is traced again at ``x`` (batch dynamic, height and width fixed, ``spatial_note`` says why), without it
+    the result is ``None`` (the caller uses another exporter). ``dynamic="batch"`` / ``False``: traced at ``x``.
 
     Returns:
-        the traced module (or None), the example it was traced with, and ``dynamic_batch``, ``dynamic_spatial``,
-        ``spatial_note``, ``fixed`` (the ``file:line`` places that fixed a size).
+        what ``run`` returned (or None), the example it was traced with, and ``dynamic_batch``,
+        ``dynamic_spatial``, ``spatial_note``.
     """
     B, C, H, W = x.shape
     step = spatial_step(model)
@@ -74,29 +84,28 @@ def capture(
         Ht, Wt = trace_size(H, W, step, min_steps=8)
         xt = torch.randn(B, C, Ht, Wt, dtype=x.dtype)
         if log is not None:
-            log(f"capture: torch.jit.trace at {B}x{C}x{Ht}x{Wt} (sizes recorded: dynamic batch, height and width)")
+            log(f"capture: {what} at {B}x{C}x{Ht}x{Wt} (sizes recorded: dynamic batch, height and width)")
         try:
-            traced, fixed = trace_model(model, xt)
+            result, fixed = traced(lambda: run(xt, True), what)
         except ExportError as exc:  # the model refuses other sizes (pos_bias="fixed" checks its size)
             cause = exc.__cause__ if exc.__cause__ is not None else exc
-            traced, fixed = None, [f"the model does not run at {Ht}x{Wt}: {_first_line(cause)}"]
-        if traced is not None and not fixed:
-            return traced, xt, dict(dynamic_batch=True, dynamic_spatial=True, fixed=[],
-                                    spatial_note=f"height and width >= {low}")
-        where = ", ".join(fixed[:4]) + (f" and {len(fixed) - 4} more" if len(fixed) > 4 else "")
-        reason = (f"the model's code turns the traced size into Python values at {where}" if traced is not None
-                  else fixed[0])
+            result, reason = None, f"the model does not run at {Ht}x{Wt}: {_first_line(cause)}"
+        else:
+            if not fixed:
+                return result, xt, dict(dynamic_batch=True, dynamic_spatial=True,
+                                        spatial_note=f"height and width >= {low}")
+            where = ", ".join(fixed[:4]) + (f" and {len(fixed) - 4} more" if len(fixed) > 4 else "")
+            reason = f"the model's code turns the traced size into Python values at {where}"
         if log is not None:
             log(f"capture: the trace fixes the size: {reason}")
         if not fallback:
-            return None, xt, dict(dynamic_batch=True, dynamic_spatial=False, fixed=fixed,
-                                  spatial_note=f"fixed: {reason}")
+            return None, xt, dict(dynamic_batch=True, dynamic_spatial=False, spatial_note=f"fixed: {reason}")
     elif dynamic is True:
-        reason, fixed = f"img_size below {low}", []
+        reason = f"img_size below {low}"
     else:
-        reason, fixed = ("dynamic='batch'" if dynamic else "dynamic=False"), []
+        reason = "dynamic='batch'" if dynamic else "dynamic=False"
     if log is not None:
-        log(f"capture: torch.jit.trace at {'x'.join(map(str, x.shape))}")
-    traced, more = trace_model(model, x)
-    return traced, x, dict(dynamic_batch=bool(dynamic), dynamic_spatial=False, fixed=fixed or more,
+        log(f"capture: {what} at {'x'.join(map(str, x.shape))}")
+    result, _ = traced(lambda: run(x, False), what)
+    return result, x, dict(dynamic_batch=bool(dynamic), dynamic_spatial=False,
                            spatial_note=f"fixed: {reason}" if dynamic else reason)

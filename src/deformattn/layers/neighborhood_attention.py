@@ -241,7 +241,7 @@ def neighborhood_attention_tiled(
     # B, nH, nt, T*T or R*R, hd (one gather each, straight into the tile layout)
     qt, kt, vt = (
         t.flatten(2, 3).view(B, nH, 1, H * W, hd) if one_tile
-        else t.flatten(2, 3).index_select(2, pos).view(B, nH, nt, n, hd)
+        else t.flatten(2, 3).index_select(2, pos).unflatten(2, (nt, n))
         for t, pos, n in ((q, qpos, TT), (k, kpos, RR), (v, kpos, RR))
     )
     if rpb is None:
