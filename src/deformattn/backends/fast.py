@@ -554,12 +554,10 @@ def attend(
                     if mask is not None:
                         logits += mask
                     out[:, :, r0 * W : r1 * W] = torch.matmul(logits.softmax(-1), v)
-                    del logits
                 else:
                     out[:, :, r0 * W : r1 * W] = F.scaled_dot_product_attention(
                         qb, k, v, attn_mask=mask, scale=scale
                     )
-                del mask  # before the next block's bias is built beside it
         finally:
             if plan is not None:
                 plan.arena = None
