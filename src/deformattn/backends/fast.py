@@ -17,6 +17,9 @@ What it changes (and why):
   atomic scatter over every query-key pair. Other steps (v1 tables, resized inputs), and small problems under
   autograd (where ``grid_sample``'s single fused backward kernel beats the window adjoint's several passes), sample
   the table with ``grid_sample`` at a displacement grid written once, in ``(x, y)`` order.
+* **Inference memory**: the output and the window gather's per-block index and intermediates are views of one
+  allocation (``_Arena``), reused by every block, and the output is laid out as ``(B, H*W, nH, hc)`` so that the
+  caller merges the heads with a view. Why one allocation: see ``_Arena`` (glibc's heap trimming).
 """
 from __future__ import annotations
 
@@ -57,14 +60,19 @@ def tuning(
     min_rows: int | None = None,
     save_elems: int | None = None,
     cpu_flash: bool | None = None,
+    arena_bytes: int | None = None,
 ) -> Iterator[None]:
     """Temporarily change the fast backend's knobs (None keeps a knob): ``block_elems`` bias entries per block of
     query rows, ``min_rows`` rows per block in inference, ``save_elems`` the size below which autograd keeps the
     whole attention matrix (0: always the recomputing backward), ``cpu_flash=False`` runs the generic attention
-    branch (what CUDA and other devices run) on the CPU too. Tests use it to force every branch on the CPU."""
-    global _BLOCK_ELEMS, _MIN_ROWS, _SAVE_ELEMS, _CPU_FLASH
-    saved = (_BLOCK_ELEMS, _MIN_ROWS, _SAVE_ELEMS, _CPU_FLASH)
-    for name, value in (("block_elems", block_elems), ("min_rows", min_rows), ("save_elems", save_elems)):
+    branch (what CUDA and other devices run) on the CPU too, ``arena_bytes`` is the largest single allocation for
+    an inference call's output and bias intermediates (0: allocate them one by one). Tests use it to force every
+    branch on the CPU."""
+    global _BLOCK_ELEMS, _MIN_ROWS, _SAVE_ELEMS, _CPU_FLASH, _ARENA_MAX_BYTES
+    saved = (_BLOCK_ELEMS, _MIN_ROWS, _SAVE_ELEMS, _CPU_FLASH, _ARENA_MAX_BYTES)
+    for name, value in (
+        ("block_elems", block_elems), ("min_rows", min_rows), ("save_elems", save_elems), ("arena_bytes", arena_bytes)
+    ):
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
             raise ValueError(f"tuning: {name} must be an int >= 0, got {value!r}")
     if block_elems is not None:
@@ -75,10 +83,12 @@ def tuning(
         _SAVE_ELEMS = save_elems
     if cpu_flash is not None:
         _CPU_FLASH = bool(cpu_flash)
+    if arena_bytes is not None:
+        _ARENA_MAX_BYTES = arena_bytes
     try:
         yield
     finally:
-        _BLOCK_ELEMS, _MIN_ROWS, _SAVE_ELEMS, _CPU_FLASH = saved
+        _BLOCK_ELEMS, _MIN_ROWS, _SAVE_ELEMS, _CPU_FLASH, _ARENA_MAX_BYTES = saved
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -590,7 +600,7 @@ def forward(
         q (Tensor[B, nH, H*W, hc]), k, v (Tensor[B, nH, Ns, hc]), pos (Tensor[B*G, Hk, Wk, 2]).
 
     Returns:
-        Tensor[B, nH, H*W, hc]
+        Tensor[B, nH, H*W, hc]; in inference a view of ``(B, H*W, nH, hc)`` memory (heads merge with a view).
     """
     B, nH, Nq, hc = q.shape
     Ns = k.shape[-2]
