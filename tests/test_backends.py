@@ -169,6 +169,32 @@ def test_generic_attention_branch_forced_on_cpu(kind, monkeypatch):
     assert fast._CPU_FLASH and fast._SAVE_ELEMS > 0  # restored
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_inference_arena_gives_the_bits_of_separate_allocations(dtype):
+    """In inference the output and the window gather's per-block intermediates are views of one allocation: the
+    same bits as allocating them one by one, over blocks of rows whose last one is shorter, and the result is the
+    reference's; the heads merge back into channels with a view."""
+    q, k, v, pos, bias = (t.detach() if isinstance(t, torch.Tensor) else t for t in _tensors("table", dtype=dtype,
+                                                                                           H=7, W=5))
+    bias = DF.PositionBias("table", tuple(p.detach() for p in bias.params), bias.groups)
+    outs = {}
+    with torch.inference_mode():
+        for arena_bytes in (1 << 30, 0):
+            with fast.tuning(block_elems=2 * 4 * 5 * 12 * 3, min_rows=0, arena_bytes=arena_bytes):  # blocks of 3 rows
+                outs[arena_bytes] = fast.forward(q, k, v, pos, bias, H=7, W=5, scale=0.3)
+        ref = reference.forward(q, k, v, pos, bias, H=7, W=5, scale=0.3)
+    one, separate = outs[1 << 30], outs[0]
+    assert torch.equal(one, separate)
+    nbytes = one.numel() * one.element_size()
+    assert one.untyped_storage().nbytes() > nbytes, "the output did not share its allocation"
+    assert separate.untyped_storage().nbytes() == nbytes
+    for y in (one, separate):
+        assert y.transpose(1, 2).is_contiguous()  # B, H*W, nH, hc: the caller's head merge is a view
+    tol = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+    torch.testing.assert_close(one, ref, rtol=tol, atol=tol)
+    assert fast._ARENA_MAX_BYTES == 32 << 20  # restored
+
+
 def test_tuning_validates_its_arguments():
     with pytest.raises(ValueError, match="tuning: block_elems must be an int >= 0, got -1"):
         with fast.tuning(block_elems=-1):

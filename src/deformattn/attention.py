@@ -297,7 +297,11 @@ class DeformableAttention2d(nn.Module):
         k = _conv1x1(self.proj_k, xs).reshape(B, Ns, nH, hc).transpose(1, 2).contiguous()  # B, nH, Ns, hc
         v = _conv1x1(self.proj_v, xs).reshape(B, Ns, nH, hc).transpose(1, 2).contiguous()  # B, nH, Ns, hc
         del xs
-        qh = q.reshape(B, nH, hc, H * W).transpose(-1, -2)  # B, nH, H*W, hc
+        # contiguous here (unit stride along hc, as the fast kernels need), so that q itself can go before the
+        # attention call when nothing after it reads q: the call then holds one copy of the queries, not two
+        qh = q.reshape(B, nH, hc, H * W).transpose(-1, -2).contiguous()  # B, nH, H*W, hc
+        if self.pos_bias != "dwc":
+            del q
         bias = self.position_bias_params()
         problem = Problem.of(
             qh, k, v, pos, *(bias.params if bias is not None else ()),
@@ -308,6 +312,7 @@ class DeformableAttention2d(nn.Module):
         out = backend(
             qh, k, v, pos, bias, H=H, W=W, scale=self.scale, attn_drop=self.attn_drop, training=self.training
         )  # B, nH, H*W, hc
+        del qh, k, v
         out = out.transpose(1, 2).reshape(B, H, W, C).permute(0, 3, 1, 2)  # channels_last, as the blocks' maps
         if self.pos_bias == "dwc":
             out = out + self.rpe_table(q)

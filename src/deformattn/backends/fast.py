@@ -17,10 +17,14 @@ What it changes (and why):
   atomic scatter over every query-key pair. Other steps (v1 tables, resized inputs), and small problems under
   autograd (where ``grid_sample``'s single fused backward kernel beats the window adjoint's several passes), sample
   the table with ``grid_sample`` at a displacement grid written once, in ``(x, y)`` order.
+* **Inference memory**: the output and the window gather's per-block index and intermediates are views of one
+  allocation (``_Arena``), reused by every block, and the output is laid out as ``(B, H*W, nH, hc)`` so that the
+  caller merges the heads with a view. Why one allocation: see ``_Arena`` (glibc's heap trimming).
 """
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Callable, Iterator, Sequence
 
 import torch
@@ -41,6 +45,10 @@ _SAVE_ELEMS = 1 << 23
 
 # the private CPU flash-attention kernel that returns the log-sum-exp; off: the generic (CUDA / other devices) branch
 _CPU_FLASH = True
+# Largest single allocation for an inference call's output and bias intermediates (_Arena): glibc's dynamic mmap
+# threshold stops rising at 32 MiB on 64-bit systems, so a larger block would be mmapped, faulted in and unmapped
+# on every call; larger problems allocate their tensors one by one.
+_ARENA_MAX_BYTES = 32 << 20
 
 BiasFn = Callable[[int, int, Sequence[Tensor]], Tensor]
 
@@ -52,14 +60,19 @@ def tuning(
     min_rows: int | None = None,
     save_elems: int | None = None,
     cpu_flash: bool | None = None,
+    arena_bytes: int | None = None,
 ) -> Iterator[None]:
     """Temporarily change the fast backend's knobs (None keeps a knob): ``block_elems`` bias entries per block of
     query rows, ``min_rows`` rows per block in inference, ``save_elems`` the size below which autograd keeps the
     whole attention matrix (0: always the recomputing backward), ``cpu_flash=False`` runs the generic attention
-    branch (what CUDA and other devices run) on the CPU too. Tests use it to force every branch on the CPU."""
-    global _BLOCK_ELEMS, _MIN_ROWS, _SAVE_ELEMS, _CPU_FLASH
-    saved = (_BLOCK_ELEMS, _MIN_ROWS, _SAVE_ELEMS, _CPU_FLASH)
-    for name, value in (("block_elems", block_elems), ("min_rows", min_rows), ("save_elems", save_elems)):
+    branch (what CUDA and other devices run) on the CPU too, ``arena_bytes`` is the largest single allocation for
+    an inference call's output and bias intermediates (0: allocate them one by one). Tests use it to force every
+    branch on the CPU."""
+    global _BLOCK_ELEMS, _MIN_ROWS, _SAVE_ELEMS, _CPU_FLASH, _ARENA_MAX_BYTES
+    saved = (_BLOCK_ELEMS, _MIN_ROWS, _SAVE_ELEMS, _CPU_FLASH, _ARENA_MAX_BYTES)
+    for name, value in (
+        ("block_elems", block_elems), ("min_rows", min_rows), ("save_elems", save_elems), ("arena_bytes", arena_bytes)
+    ):
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
             raise ValueError(f"tuning: {name} must be an int >= 0, got {value!r}")
     if block_elems is not None:
@@ -70,10 +83,12 @@ def tuning(
         _SAVE_ELEMS = save_elems
     if cpu_flash is not None:
         _CPU_FLASH = bool(cpu_flash)
+    if arena_bytes is not None:
+        _ARENA_MAX_BYTES = arena_bytes
     try:
         yield
     finally:
-        _BLOCK_ELEMS, _MIN_ROWS, _SAVE_ELEMS, _CPU_FLASH = saved
+        _BLOCK_ELEMS, _MIN_ROWS, _SAVE_ELEMS, _CPU_FLASH, _ARENA_MAX_BYTES = saved
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -89,6 +104,42 @@ def _table_step(table_len: int, n: int, version: str) -> int | None:
         return 0
     den = 2 * (n - 1) if version == "pp" else 2 * n
     return (table_len - 1) // den if (table_len - 1) % den == 0 else None
+
+
+class _Arena:
+    """Named tensors carved out of one allocation, each at a fixed offset (a smaller request takes a prefix).
+
+    Why one allocation: glibc returns the top of its heap to the kernel when a free leaves more than its trim
+    threshold there, and the threshold follows the largest block it has served by ``mmap`` (twice its size, up to
+    twice ``_ARENA_MAX_BYTES``). An inference call whose temporaries add up to more than twice its largest single
+    tensor therefore hands its pages back after every call and faults them in again on the next one. As one block,
+    the output and the bias intermediates are the call's largest allocation and its other temporaries stay below
+    it, so the heap keeps its pages.
+    """
+
+    _ALIGN = 64  # bytes: every part starts on a cache line (and on any element size)
+
+    def __init__(self, parts: dict[str, tuple[int, torch.dtype]], device: torch.device):
+        self.slots: dict[str, tuple[int, int, torch.dtype]] = {}
+        nbytes = 0
+        for name, (numel, dtype) in parts.items():
+            size = numel * dtype.itemsize
+            self.slots[name] = (nbytes, numel, dtype)
+            nbytes += -(-size // self._ALIGN) * self._ALIGN
+        self.nbytes = nbytes
+        self.buf = torch.empty(nbytes, dtype=torch.uint8, device=device)
+
+    @staticmethod
+    def nbytes_of(parts: dict[str, tuple[int, torch.dtype]]) -> int:
+        return sum(-(-n * dt.itemsize // _Arena._ALIGN) * _Arena._ALIGN for n, dt in parts.values())
+
+    def take(self, name: str, shape: Sequence[int]) -> Tensor:
+        """A contiguous tensor of ``shape`` at the start of slot ``name`` (contents undefined)."""
+        off, numel, dtype = self.slots[name]
+        n = math.prod(shape)
+        if n > numel:
+            raise RuntimeError(f"fast backend: arena slot {name!r} holds {numel} elements, {n} requested")
+        return self.buf[off : off + n * dtype.itemsize].view(dtype).view(tuple(shape))
 
 
 class _WindowPlan:
@@ -114,16 +165,39 @@ class _WindowPlan:
         self.table_shape, self.Py, self.Px = (G, hg, Th, Tw), Py, Px
         self.idx: Tensor | None = None
         self.rows = 0
+        # set by attend() around an inference loop: the block's index and intermediates are written into it
+        self.arena: _Arena | None = None
+
+    def window_rows(self, Hc: int) -> int:
+        """Table rows a block of ``Hc`` query rows reads."""
+        return self.S * (Hc - 1) + 2
+
+    def arena_parts(self, Hc: int, dtype: torch.dtype) -> dict[str, tuple[int, torch.dtype]]:
+        """Element counts and dtypes of a block's index and intermediates (blocks of at most ``Hc`` rows)."""
+        G, hg, _, _ = self.table_shape
+        B = self.base.shape[0]
+        rows, n = self.window_rows(Hc), B * G * self.Ns
+        return {
+            "idx": (n * rows * self.cols, torch.int64),
+            "Z": (n * hg * rows * self.cols, dtype),
+            "X": (n * hg * rows * self.W, dtype),
+            "bias": (n * hg * Hc * self.W, dtype),
+        }
 
     def block(self, r0: int, r1: int) -> tuple[Tensor, int, int]:
         """The gather index of query rows ``r0:r1`` (Tensor[B, G, rows*cols*Ns]: window rows outermost, keys
         innermost), the block's flat offset into the padded table, and its number of window rows."""
-        rows = self.S * (r1 - r0 - 1) + 2
+        rows = self.window_rows(r1 - r0)
         if self.idx is None or rows > self.rows:
             dev = self.base.device
             offs = (torch.arange(rows, device=dev) * self.Wp).view(rows, 1) + torch.arange(self.cols, device=dev)
             B, G, Ns = self.base.shape
-            self.idx = (self.base.unsqueeze(2) + offs.reshape(1, 1, -1, 1)).reshape(B, G, -1)  # B, G, rows*cols*Ns
+            a, b = self.base.unsqueeze(2), offs.reshape(1, 1, -1, 1)
+            if self.arena is not None:
+                idx = torch.add(a, b, out=self.arena.take("idx", (B, G, rows * self.cols, Ns)))
+            else:
+                idx = a + b
+            self.idx = idx.reshape(B, G, -1)  # B, G, rows*cols*Ns
             self.rows = rows
         return self.idx[:, :, : rows * self.cols * self.Ns], self.S * r0 * self.Wp, rows
 
@@ -188,15 +262,24 @@ class _WindowTableBias(torch.autograd.Function):
         src = plan.Tp[:, :, off:]  # the block's rows start at its offset; the index is relative to it
         wy = (cy - torch.floor(cy)).unsqueeze(2)  # B, G, 1, Ns
         wx = (cx - torch.floor(cx)).unsqueeze(2)
+        arena = plan.arena
         Z = torch.gather(
             src.unsqueeze(0).expand(B, G, hg, src.shape[-1]),
             3,
             idx.unsqueeze(2).expand(B, G, hg, idx.shape[-1]),
+            out=arena.take("Z", (B, G, hg, idx.shape[-1])) if arena is not None else None,
         ).reshape(B, G, hg, rows, cols, Ns)
         wx_, wy_ = wx.unsqueeze(2).unsqueeze(2), wy.unsqueeze(2).unsqueeze(2)  # B, G, 1, 1, 1, Ns
-        X = torch.lerp(*_taps(Z, 4, W, plan.Sx), wx_)  # B, G, hg, rows, W, Ns
+        X0, X1 = _taps(Z, 4, W, plan.Sx)
+        if arena is not None:
+            X = torch.lerp(X0, X1, wx_, out=arena.take("X", (B, G, hg, rows, W, Ns)))
+        else:
+            X = torch.lerp(X0, X1, wx_)  # B, G, hg, rows, W, Ns
         X0, X1 = _taps(X, 3, Hc, plan.S)  # B, G, hg, Hc, W, Ns
-        bias = torch.lerp(X0, X1, wy_)  # B, G, hg, Hc, W, Ns
+        if arena is not None:
+            bias = torch.lerp(X0, X1, wy_, out=arena.take("bias", (B, G, hg, Hc, W, Ns)))
+        else:
+            bias = torch.lerp(X0, X1, wy_)  # B, G, hg, Hc, W, Ns
         ctx.save_for_backward(Z, X, wy_, wx_)
         ctx.meta = (plan, r0, r1)
         return bias.reshape(B, G, hg, Hc * W, Ns)
@@ -280,6 +363,7 @@ def _make_table_bias_fn(
             out = _WindowTableBias.apply(t, cy_, cx_, r0, r1, plan)
             return out.reshape(B, nH, (r1 - r0) * W, Ns)
 
+        bias_fn.window_plan = plan  # type: ignore[attr-defined]
         return bias_fn, [table4, cy, cx]
 
     def bias_fn_general(r0: int, r1: int, tensors: Sequence[Tensor]) -> Tensor:
@@ -407,6 +491,22 @@ class _BlockAttention(torch.autograd.Function):
         return (dq, dk, dv, None, None, None, None, *d_bias)
 
 
+def _inference_out(
+    q: Tensor, plan: _WindowPlan | None, blocks: list[tuple[int, int]]
+) -> tuple[Tensor, _Arena | None]:
+    """The inference output, Tensor[B, nH, Nq, hc] laid out as (B, Nq, nH, hc) so that merging the heads back
+    into channels is a view, and, on the CPU with the window gather, the :class:`_Arena` it lives in together with
+    the blocks' bias intermediates (None when the problem is too large for one block of memory)."""
+    B, nH, Nq, hc = q.shape
+    if plan is not None and q.device.type == "cpu":
+        Hc = max(r1 - r0 for r0, r1 in blocks)
+        parts = {"out": (q.numel(), q.dtype), **plan.arena_parts(Hc, plan.Tp.dtype)}
+        if _Arena.nbytes_of(parts) <= _ARENA_MAX_BYTES:
+            arena = _Arena(parts, q.device)
+            return arena.take("out", (B, Nq, nH, hc)).transpose(1, 2), arena
+    return q.new_empty(B, Nq, nH, hc).transpose(1, 2), None
+
+
 def attend(
     q: Tensor,
     k: Tensor,
@@ -446,22 +546,31 @@ def attend(
             )
         return torch.cat(outs, dim=2)
     if not needs_grad:
-        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+        plan: _WindowPlan | None = getattr(bias_fn, "window_plan", None)
+        out, plan_arena = _inference_out(q, plan, blocks)
         # in half precision the CPU's fused attention kernel is slower than matmul + softmax (benchmarks/RESULTS.md)
         unfused = q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16)
         kT = k.transpose(-1, -2)
-        for r0, r1 in blocks:
-            mask = bias_fn(r0, r1, bias_inputs) if bias_fn is not None else None
-            if mask is not None:
-                mask = mask.to(q.dtype)
-            qb = q[:, :, r0 * W : r1 * W]
-            if unfused:
-                logits = torch.matmul(qb, kT).mul_(scale)  # B, nH, rows*W, Ns
+        if plan is not None:
+            plan.arena = plan_arena
+        try:
+            for r0, r1 in blocks:
+                mask = bias_fn(r0, r1, bias_inputs) if bias_fn is not None else None
                 if mask is not None:
-                    logits += mask
-                out[:, :, r0 * W : r1 * W] = torch.matmul(logits.softmax(-1), v)
-            else:
-                out[:, :, r0 * W : r1 * W] = F.scaled_dot_product_attention(qb, k, v, attn_mask=mask, scale=scale)
+                    mask = mask.to(q.dtype)
+                qb = q[:, :, r0 * W : r1 * W]
+                if unfused:
+                    logits = torch.matmul(qb, kT).mul_(scale)  # B, nH, rows*W, Ns
+                    if mask is not None:
+                        logits += mask
+                    out[:, :, r0 * W : r1 * W] = torch.matmul(logits.softmax(-1), v)
+                else:
+                    out[:, :, r0 * W : r1 * W] = F.scaled_dot_product_attention(
+                        qb, k, v, attn_mask=mask, scale=scale
+                    )
+        finally:
+            if plan is not None:
+                plan.arena = None
         return out
     if B * nH * Nq * Ns <= _SAVE_ELEMS:
         # small problem: plain autograd over one block (fused softmax backward, nothing recomputed)
@@ -491,7 +600,7 @@ def forward(
         q (Tensor[B, nH, H*W, hc]), k, v (Tensor[B, nH, Ns, hc]), pos (Tensor[B*G, Hk, Wk, 2]).
 
     Returns:
-        Tensor[B, nH, H*W, hc]
+        Tensor[B, nH, H*W, hc]; in inference a view of ``(B, H*W, nH, hc)`` memory (heads merge with a view).
     """
     B, nH, Nq, hc = q.shape
     Ns = k.shape[-2]
