@@ -212,14 +212,19 @@ def grid_sample_gather(input: Tensor, grid: Tensor) -> Tensor:
             p = p0 + d
             pc = p.clamp(0, size - 1)
             out_list.append((pc, torch.where(pc == p, w, 0.0)))
-    # the four taps in one gather, and flatten / unsqueeze / expand(-1, C, -1) rather than reshapes to spelled-out
-    # sizes: the same values, and a trace for export records a quarter of the ops and no size arithmetic for them
-    rows = [yi * W for yi, _ in ys]
-    idx = torch.stack([r + xi for r in rows for xi, _ in xs], 1).to(torch.int64)  # N, 4, Ho, Wo
-    wts = torch.stack([wy * wx for _, wy in ys for _, wx in xs], 1).flatten(1).unsqueeze(1)  # N, 1, 4*Ho*Wo
-    taps = _to(torch.gather(input.flatten(2), 2, idx.flatten(1).unsqueeze(1).expand(-1, C, -1)), acc) * wts
-    t00, t01, t10, t11 = taps.unflatten(2, (4, -1)).unbind(2)  # N, C, Ho*Wo each
-    out = t00 + t01 + t10 + t11  # tap by tap, in grid_sample's order
+    # one gather per tap (one gather of all four taps makes index, weight and tap tensors four times the output:
+    # slower for the bias table's many points), flatten / unsqueeze / expand(-1, C, -1) rather than reshapes to
+    # spelled-out sizes (the same values; a trace for export records no size arithmetic for them), and the first
+    # tap as the start of the sum rather than a zero tensor
+    flat = input.flatten(2)  # N, C, H*W
+    out: Tensor | None = None
+    for yi, wy in ys:
+        row = yi * W
+        for xi, wx in xs:
+            idx = (row + xi).to(torch.int64).flatten(1).unsqueeze(1)  # N, 1, Ho*Wo
+            tap = _to(torch.gather(flat, 2, idx.expand(-1, C, -1)), acc) * (wx * wy).flatten(1).unsqueeze(1)
+            out = tap if out is None else out + tap  # N, C, Ho*Wo, tap by tap in grid_sample's order
+    assert out is not None
     return _to(out.unflatten(2, (Ho, Wo)), input.dtype)
 
 
