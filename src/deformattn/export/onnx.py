@@ -177,17 +177,18 @@ def _translate_traced(
 
     t0 = time.perf_counter()
     marks: list[float] = []
+    net = _Forward(model).train(model.training)  # the exporter restores this mode on the whole tree afterwards
 
     def run(xt: Tensor, dynamic_spatial: bool) -> bytes:
         axes = ({0: "batch"} if dynamic else {}) | ({2: "height", 3: "width"} if dynamic_spatial else {})
         buffer = io.BytesIO()
         marks.clear()
-        handle = model.register_forward_hook(lambda *_: _traced_mark(marks, log, opset))
+        handle = net.register_forward_hook(lambda *_: _traced_mark(marks, log, opset))
         try:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*legacy TorchScript-based", category=DeprecationWarning)
                 warnings.filterwarnings("ignore", message=".*will be removed", category=DeprecationWarning)
-                torch.onnx.export(model, (xt,), buffer, dynamo=False, opset_version=opset, input_names=["input"],
+                torch.onnx.export(net, (xt,), buffer, dynamo=False, opset_version=opset, input_names=["input"],
                                   dynamic_axes={"input": axes} if axes else None, verbose=verbose)
         finally:
             handle.remove()
@@ -205,6 +206,18 @@ def _translate_traced(
         raise ExportError(f"{_OWNER}: reading the exported ONNX graph failed: {_first_line(exc)}") from exc
     info["method"] = "torch.jit.trace + torch.onnx.export(dynamo=False)"
     return ir_model, info
+
+
+class _Forward(nn.Module):
+    """``model(x)``, its other arguments left at their defaults: the TorchScript-based exporter passes every
+    defaulted argument of ``forward`` as a traced input (a flag like ``return_sampling`` would become a tensor)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> Any:
+        return self.model(x)
 
 
 def _traced_mark(marks: list[float], log: Callable[[str], None] | None, opset: int) -> None:
