@@ -1,5 +1,6 @@
-"""Export (issue 6): ONNX through torch.export + torch.onnx.export(dynamo=True) run in onnxruntime, the gather-only
-sampler (no GridSample node), TorchScript round trips, torch.compile(fullgraph=True), and ``deformattn export``.
+"""Export (issues 6, 14): ONNX through both exporters (the trace with torch.onnx.export(dynamo=False), and
+torch.export + torch.onnx.export(dynamo=True)) run in onnxruntime, the gather-only sampler (no GridSample node),
+TorchScript round trips at any size, torch.compile(fullgraph=True), and ``deformattn export``.
 
 Every exported file is loaded back and compared with the PyTorch model on fresh random inputs. The models are small
 variants covering every block kind (L, S, N, D) of each version, so the file runs in about three minutes on two
