@@ -280,3 +280,23 @@ def test_trace_shares_the_tile_plan_between_blocks(monkeypatch):
         _traced_matches_eager(stage, tuple(feats.shape), [(1, 24, 17, 30), (2, 24, 9, 12)],
                               traced_hook=lambda: counts.append(len(plans)))
     assert counts == [1]  # one plan in the trace of three neighborhood blocks
+
+
+def test_input_checks_hold_while_tracing():
+    """The size checks read the example's values while torch.jit.trace records (no size fixed, no warning) and still
+    refuse a bad input."""
+    import warnings
+
+    from deformattn.export import set_sampler
+    from deformattn.models import create_model
+
+    model = create_model("dat_nano", num_classes=3).eval()
+    set_sampler(model, "gather")  # plain ops, as the exports trace it
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error", torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.\w+` is deprecated", category=FutureWarning)
+        with pytest.raises(ValueError, match="too small"):
+            torch.jit.trace(model, (torch.randn(1, 3, 8, 40),), check_trace=False)
+        with pytest.raises(ValueError, match="channels"):
+            torch.jit.trace(model, (torch.randn(1, 4, 40, 40),), check_trace=False)
+        torch.jit.trace(model, (torch.randn(1, 3, 40, 44),), check_trace=False)  # a valid size traces cleanly

@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from ._shapes import concrete
+
 
 class InvalidArgumentError(ValueError):
     """A bad value of a named argument. ``str(exc)`` is ``"argument: message"`` in the library's terms; the CLI
@@ -103,12 +105,11 @@ def check_image_tensor(x: Any, name: str, owner: str, channels: int | None = Non
         )
     if not x.is_floating_point():
         raise TypeError(f"{owner}: {name} must be a floating-point tensor, got dtype {x.dtype}")
-    if torch.jit.is_tracing():  # sizes are traced tensors: a check would fix them (the example was checked eagerly)
-        return
-    if channels is not None and x.shape[1] != channels:
-        raise ValueError(f"{owner}: {name} must have {channels} channels (dim 1), got shape {tuple(x.shape)}")
-    if x.shape[2] < 1 or x.shape[3] < 1:
-        raise ValueError(f"{owner}: {name} must have H >= 1 and W >= 1, got shape {tuple(x.shape)}")
+    shape = tuple(concrete(s) for s in x.shape)  # example values while torch.jit.trace records (nothing fixed)
+    if channels is not None and shape[1] != channels:
+        raise ValueError(f"{owner}: {name} must have {channels} channels (dim 1), got shape {shape}")
+    if shape[2] < 1 or shape[3] < 1:
+        raise ValueError(f"{owner}: {name} must have H >= 1 and W >= 1, got shape {shape}")
 
 
 def optional_import(module: str, extra: str, feature: str):

@@ -7,9 +7,10 @@ The data path, top-down:
    ``precision="fp16"``/``"bf16"`` exports a converted copy.
 2. The file is produced in a temporary file next to ``output``:
 
-   * **ONNX** (:mod:`.onnx`), two exporters (``exporter=``). ``"torchscript"`` (the default): ``torch.jit.trace``
-     (:mod:`.trace`), during which every ``x.shape[i]`` is a tensor, so the model's shape-polymorphic size code
-     (:mod:`deformattn._shapes`) is recorded, then ``torch.onnx.export(dynamo=False)`` of the trace; where the
+   * **ONNX** (:mod:`.onnx`), two exporters (``exporter=``). ``"torchscript"`` (the default):
+     ``torch.onnx.export(dynamo=False)``, which traces the model with ``torch.jit.trace`` semantics (:mod:`.trace`):
+     every ``x.shape[i]`` is a tensor, so the model's shape-polymorphic size code (:mod:`deformattn._shapes`) is
+     recorded, and the trace is translated; where the
      trace would fix a dynamic size (the tracer warns: code turned a traced size into a Python value, e.g.
      ``pos_bias="fixed"``) the default falls back to ``"dynamo"``: ``_export_program`` captures the model with
      ``torch.export.export(strict=False)`` and symbolic sizes, then ``torch.onnx.export(program, dynamo=True)``

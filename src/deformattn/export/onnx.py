@@ -119,18 +119,19 @@ def _onnx_bytes(
         elif exporter is None:
             try:
                 ir_model, info = _translate_traced(model, x, dynamic, opset, verbose, log, timings, fallback=False)
-                reason = "the trace would fix the size"
+                reason = info["spatial_note"].removeprefix("fixed: ")
             except ExportError as exc:  # e.g. a custom autograd function (sampler=None on the fast backend)
                 reason = str(exc).removeprefix(f"{_OWNER}: ")
             if ir_model is None and log is not None:
                 log(f"capture: falling back to torch.export ({reason})")
         if ir_model is None:
             ir_model, info = _translate_dynamo(model, x, dynamic, opset, verbose, log, timings)
+        fold = not info["method"].startswith("torch.jit")
         if log is not None:
-            log(f"optimize: deduplicate, fold constants, prune ({_ir_node_count(ir_model)} nodes)")
+            log(f"optimize: deduplicate, {'fold constants, ' if fold else ''}prune ({_ir_node_count(ir_model)} nodes)")
         t0 = time.perf_counter()
         try:
-            _clean_onnx(ir_model, fold=not info["method"].startswith("torch.jit"))
+            _clean_onnx(ir_model, fold=fold)
         except Exception as exc:
             raise ExportError(f"{_OWNER}: cleaning the ONNX graph failed: {_first_line(exc)}") from exc
         timings["optimize"] = time.perf_counter() - t0

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from .._shapes import shared_sizes
+from .._shapes import concrete, shared_sizes
 from .._utils import check_float, check_image_tensor, check_int, to_2tuple
 from ..attention import DeformableAttention2d
 from ..functional import POS_BIAS_KINDS, VERSIONS
@@ -519,9 +519,7 @@ class DAT(nn.Module):
 
     def _check_input(self, x: Tensor) -> None:
         check_image_tensor(x, "x", _OWNER, channels=self.in_chans)
-        if torch.jit.is_tracing():  # as in check_image_tensor: the traced example was checked eagerly
-            return
-        H, W = x.shape[-2:]
+        H, W = (concrete(s) for s in x.shape[-2:])  # example values while torch.jit.trace records
         need = self.min_input_size()
         if H < need or W < need:
             raise ValueError(
