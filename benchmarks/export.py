@@ -31,6 +31,12 @@ Threads: on a machine shared with other jobs, ``--threads`` = all cores oversubs
 regions wait for preempted threads (dat_pp_tiny eager at batch 1 measured 3-7 s with 2 threads, 0.7 s with 1, on
 the same 2-core machine); ``--threads 1`` gives stable numbers there.
 
+``--dynamic`` (issue 14's table): every ``--models`` entry (default dat_pp_tiny, dat_tiny and timm's Swin-T as the
+yardstick) exported with ``export_model(model, "onnx", dynamic=True)`` by each of ``--exporters``, in
+``--export-rounds`` interleaved rounds (every model once per round); the table has each model's median export time,
+its ratio to Swin-T's median, the node count and op types, then eager vs onnxruntime at ``--sizes`` and
+``--batch-sizes`` on the last round's file.
+
 Output: a markdown table on stdout and JSON at ``--json`` (default ``benchmarks/results/export.json``, written
 atomically).
 """
@@ -185,8 +191,9 @@ def _build(name: str):
 
 
 def run_dynamic(args: argparse.Namespace) -> dict[str, Any]:
-    """Issue 14's table: per model, ``export_model(model, "onnx", dynamic=True)`` (time, nodes, op types, what is
-    dynamic), then eager vs onnxruntime at every batch size and every size the file accepts."""
+    """Issue 14's table: per model, ``export_model(model, "onnx", dynamic=True)`` (median time of the interleaved
+    rounds, nodes, op types, what is dynamic), then eager vs onnxruntime at every batch size and every size the file
+    accepts."""
     import onnxruntime as ort
 
     torch = setup_torch(args.threads, args.seed)
@@ -196,73 +203,93 @@ def run_dynamic(args: argparse.Namespace) -> dict[str, Any]:
     exports: list[dict[str, Any]] = []
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name, exporter in [(n, e) for e in args.exporters for n in args.models]:
-            torch.manual_seed(args.seed)
-            model = _build(name)
-            path = Path(tmp) / f"{name}.{exporter}.onnx"
-            _log(t0, f"exporting {name} (dynamic=True, exporter {exporter}) ...")
-            t_export = time.perf_counter()
-            result = export_model(model, "onnx", img_size=args.sizes[0], dynamic=True, output=path,
-                                  exporter=None if exporter == "auto" else exporter,
-                                  progress=lambda line: _log(t0, f"  {name}: {line}"))
-            wall = time.perf_counter() - t_export
-            ops = dict(sorted(result.op_counts.items(), key=lambda kv: (-kv[1], kv[0])))
-            exports.append({"model": name, "exporter": exporter, "method": result.method,
-                            "export_s": result.export_seconds, "capture_s": result.capture_seconds,
-                            "translate_s": result.translate_seconds,
-                            "optimize_s": result.optimize_seconds, "verify_s": result.verify_seconds,
-                            "wall_s": wall, "nodes": sum(ops.values()), "op_types": ops,
-                            "dynamic_spatial": result.dynamic_spatial, "spatial_note": result.spatial_note,
-                            "file_mib": result.file_bytes / 2**20, "checks": result.checks,
-                            "max_abs_diff": result.max_abs_diff})
-            _log(t0, f"{name}: export {result.export_seconds:.0f} s (capture {result.capture_seconds:.0f}, "
-                     f"translate {result.translate_seconds:.0f}, optimize {result.optimize_seconds:.0f}), {sum(ops.values())} nodes, "
-                     f"spatial: {result.spatial_note}")
-            so = ort.SessionOptions()
-            so.intra_op_num_threads = args.threads
-            so.inter_op_num_threads = 1
-            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-            input_name = session.get_inputs()[0].name
-            for H, W in args.sizes:
-                if not result.dynamic_spatial and (H, W) != tuple(result.input_shape[2:]):
-                    continue
-                for b in args.batch_sizes:
-                    x = torch.randn(b, 3, H, W, generator=torch.Generator().manual_seed(args.seed))
-                    with torch.inference_mode():
-                        ref = model(x)
-
-                    def eager(x=x):
-                        with torch.inference_mode():
-                            return model(x)
-
-                    feed = {input_name: x.numpy()}
-                    fns = {"pytorch-eager": eager,
-                           "onnxruntime": lambda feed=feed: torch.from_numpy(session.run(None, feed)[0])}
-                    diff = float((fns["onnxruntime"]() - ref).abs().max())
-                    scale = float(ref.abs().max())
-                    medians: dict[str, list[float]] = {rt: [] for rt in fns}
-                    for r in range(args.rounds):
-                        for rt, fn in fns.items():
-                            t = time_fn(fn, warmup=args.warmup if r == 0 else 0,
-                                        repeats=max(1, -(-args.repeats // args.rounds)),
-                                        budget_s=args.budget / args.rounds, min_repeats=args.min_repeats)
-                            medians[rt].append(t["median_ms"])
-                    eager_ms = statistics.median(medians["pytorch-eager"])
-                    ort_ms = statistics.median(medians["onnxruntime"])
-                    rows.append({"model": name, "exporter": exporter, "H": H, "W": W, "batch": b, "eager_ms": eager_ms, "ort_ms": ort_ms,
-                                 "ort_speedup": eager_ms / ort_ms, "max_abs_diff": diff,
-                                 "rel_diff": diff / max(scale, 1e-30), "rounds_ms": medians})
-                    _log(t0, f"{name} ({exporter}) {H}x{W} batch {b}: eager {eager_ms:.0f} ms, onnxruntime {ort_ms:.0f} ms "
-                             f"({eager_ms / ort_ms:.2f}x), max abs diff {diff:.1e} ({diff / max(scale, 1e-30):.1e} "
-                             "of max|logit|)")
-            del session, model
+        for exporter in args.exporters:
+            # the export times: --export-rounds interleaved rounds (every model once per round, so a change of load
+            # hits them alike); each model's median and the last round's file, which the timings below use
+            models = {}
+            for name in args.models:
+                torch.manual_seed(args.seed)
+                models[name] = _build(name)
+            times: dict[str, list[float]] = {name: [] for name in models}
+            last: dict[str, Any] = {}
+            for r in range(args.export_rounds):
+                for name, model in models.items():
+                    path = Path(tmp) / f"{name}.{exporter}.onnx"
+                    _log(t0, f"exporting {name} (dynamic=True, exporter {exporter}, round {r + 1} of "
+                             f"{args.export_rounds}) ...")
+                    t_export = time.perf_counter()
+                    result = export_model(model, "onnx", img_size=args.sizes[0], dynamic=True, output=path,
+                                          exporter=None if exporter == "auto" else exporter,
+                                          progress=lambda line, name=name: _log(t0, f"  {name}: {line}"))
+                    last[name] = (result, time.perf_counter() - t_export, path)
+                    times[name].append(result.export_seconds)
+            for name, model in models.items():
+                result, wall, path = last[name]
+                export_s = statistics.median(times[name])
+                ops = dict(sorted(result.op_counts.items(), key=lambda kv: (-kv[1], kv[0])))
+                exports.append({"model": name, "exporter": exporter, "method": result.method,
+                                "export_s": export_s, "export_rounds_s": times[name],
+                                "capture_s": result.capture_seconds, "translate_s": result.translate_seconds,
+                                "optimize_s": result.optimize_seconds, "verify_s": result.verify_seconds,
+                                "wall_s": wall, "nodes": sum(ops.values()), "op_types": ops,
+                                "dynamic_spatial": result.dynamic_spatial, "spatial_note": result.spatial_note,
+                                "file_mib": result.file_bytes / 2**20, "checks": result.checks,
+                                "max_abs_diff": result.max_abs_diff})
+                _log(t0, f"{name}: export {export_s:.1f} s (median of "
+                         f"{', '.join(f'{t:.1f}' for t in times[name])}; last: capture "
+                         f"{result.capture_seconds:.1f}, translate {result.translate_seconds:.1f}, optimize "
+                         f"{result.optimize_seconds:.1f}), {sum(ops.values())} nodes, spatial: {result.spatial_note}")
+                _time_runtimes(args, ort, torch, model, name, exporter, result, path, rows, t0)
+            del models, last
             if args.partial_json:  # a long run leaves what it has measured so far
                 atomic_write_json(args.partial_json, {"exports": exports, "rows": rows, "partial": True})
     for e in exports:  # Swin-T exported the same way
         swin = next((s["export_s"] for s in exports if s["model"] == SWIN and s["exporter"] == e["exporter"]), None)
         e["vs_swin"] = e["export_s"] / swin if swin else None
     return {"exports": exports, "rows": rows}
+
+
+def _time_runtimes(args: argparse.Namespace, ort: Any, torch: Any, model: Any, name: str, exporter: str,
+                   result: Any, path: Path, rows: list[dict[str, Any]], t0: float) -> None:
+    """Eager vs onnxruntime on the exported file at every batch size and every size it accepts (rows appended)."""
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = args.threads
+    so.inter_op_num_threads = 1
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    input_name = session.get_inputs()[0].name
+    for H, W in args.sizes:
+        if not result.dynamic_spatial and (H, W) != tuple(result.input_shape[2:]):
+            continue
+        for b in args.batch_sizes:
+            x = torch.randn(b, 3, H, W, generator=torch.Generator().manual_seed(args.seed))
+            with torch.inference_mode():
+                ref = model(x)
+
+            def eager(x=x):
+                with torch.inference_mode():
+                    return model(x)
+
+            feed = {input_name: x.numpy()}
+            fns = {"pytorch-eager": eager,
+                   "onnxruntime": lambda feed=feed: torch.from_numpy(session.run(None, feed)[0])}
+            diff = float((fns["onnxruntime"]() - ref).abs().max())
+            scale = float(ref.abs().max())
+            medians: dict[str, list[float]] = {rt: [] for rt in fns}
+            for r in range(args.rounds):
+                for rt, fn in fns.items():
+                    t = time_fn(fn, warmup=args.warmup if r == 0 else 0,
+                                repeats=max(1, -(-args.repeats // args.rounds)),
+                                budget_s=args.budget / args.rounds, min_repeats=args.min_repeats)
+                    medians[rt].append(t["median_ms"])
+            eager_ms = statistics.median(medians["pytorch-eager"])
+            ort_ms = statistics.median(medians["onnxruntime"])
+            rows.append({"model": name, "exporter": exporter, "H": H, "W": W, "batch": b, "eager_ms": eager_ms, "ort_ms": ort_ms,
+                         "ort_speedup": eager_ms / ort_ms, "max_abs_diff": diff,
+                         "rel_diff": diff / max(scale, 1e-30), "rounds_ms": medians})
+            _log(t0, f"{name} ({exporter}) {H}x{W} batch {b}: eager {eager_ms:.0f} ms, onnxruntime {ort_ms:.0f} ms "
+                     f"({eager_ms / ort_ms:.2f}x), max abs diff {diff:.1e} ({diff / max(scale, 1e-30):.1e} "
+                     "of max|logit|)")
 
 
 def _exporter_label(e: dict[str, Any]) -> str:
@@ -372,6 +399,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="--dynamic: ONNX exporters (export_model's exporter), each model exported with each, so that "
                         "Swin-T is exported the same way as the DAT models (default: torchscript dynamo; auto would "
                         "take torch.export for Swin-T, whose trace cannot have a dynamic size)")
+    p.add_argument("--export-rounds", type=int, default=3,
+                   help="--dynamic: interleaved export rounds (every model once per round); the table has each "
+                        "model's median (default 3)")
     p.add_argument("--sizes", nargs="+", type=lambda t: tuple(int(v) for v in t.split("x")),
                    default=[(224, 224), (257, 319)], metavar="HxW",
                    help="--dynamic: input sizes; the first is the export size (default 224x224 257x319)")
@@ -381,6 +411,9 @@ def main(argv: list[str] | None = None) -> int:
             args.models = ["dat_nano", "dat_v1_nano"]
             args.sizes = [(32, 32), (41, 57)]
             args.repeats, args.rounds, args.warmup, args.min_repeats = 2, 2, 1, 1
+            args.export_rounds = 1
+        if args.export_rounds < 1:
+            p.error("--export-rounds must be >= 1")
         args.json = args.json or str(HERE / "results" / "export_dynamic.json")
         args.partial_json = args.json + ".partial"
         return main_dynamic(args)

@@ -345,6 +345,30 @@ def test_gather_sampler_equals_grid_sample():
     assert torch.autograd.gradcheck(DF.grid_sample_gather, (x.detach()[:1, :2].requires_grad_(), smooth_grid))
 
 
+@pytest.mark.parametrize("B, G, H, W", [(3, 2, 7, 9), (1, 3, 5, 4), (0, 2, 6, 5)])
+def test_gather_keys_and_table_bias_equal_grid_sample(B, G, H, W):
+    """The gather sampler's own paths for the keys (rows of channels, (y, x) read as given) and for the bias table
+    (rows of the table, not one copy per image) give grid_sample's values and gradients: positions inside, on the
+    border and outside the map, several groups, batch 0."""
+    torch.manual_seed(1)
+    C, nH, Hk, Wk = 6 * G, 2 * G, 3, 4
+    x = torch.randn(B, C, H, W, dtype=torch.float64, requires_grad=True)
+    pos = (torch.rand(B * G, Hk, Wk, 2, dtype=torch.float64) * 2.6 - 1.3).requires_grad_(True)
+    if B:
+        pos.data[0, 0, 0] = torch.tensor([-1.0, 1.0], dtype=torch.float64)
+    table = torch.randn(nH, 2 * H - 1, 2 * W - 1, dtype=torch.float64, requires_grad=True)
+    q_grid = DF.query_grid(H, W, dtype=torch.float64)
+    for fn, args in ((DF.sample_keys, (x, pos, G)), (DF.table_bias, (table, q_grid, pos, G))):
+        a, b = fn(*args, sampler="grid_sample"), fn(*args, sampler="gather")
+        assert b.shape == a.shape and b.dtype == a.dtype
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
+        if B:
+            g = torch.randn_like(a)
+            inputs = [t for t in args if isinstance(t, torch.Tensor) and t.requires_grad]
+            for u, w in zip(torch.autograd.grad(a, inputs, g), torch.autograd.grad(b, inputs, g)):
+                torch.testing.assert_close(w, u, rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.parametrize("cfg", [c for c in CONFIGS if c[1] in ("table", "none")][:6], ids=ids)
 def test_gather_sampler_module(cfg):
     m, (H, W) = make(cfg)

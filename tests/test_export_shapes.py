@@ -300,3 +300,19 @@ def test_input_checks_hold_while_tracing():
         with pytest.raises(ValueError, match="channels"):
             torch.jit.trace(model, (torch.randn(1, 4, 40, 40),), check_trace=False)
         torch.jit.trace(model, (torch.randn(1, 3, 40, 44),), check_trace=False)  # a valid size traces cleanly
+
+
+def test_trace_example_is_the_smallest_generic_size():
+    """A dynamic export traces at the smallest generic size, not at the export size: 6 total strides for a DAT without
+    window attention, 8 where shifted windows need two windows of 7 in every stage map (and for other modules)."""
+    from deformattn.export.trace import capture, trace_steps
+    from deformattn.export.verify import spatial_step
+    from deformattn.models import create_model
+
+    pp, v1 = create_model("dat_nano").eval(), create_model("dat_v1_nano").eval()
+    assert (trace_steps(pp), trace_steps(v1), trace_steps(torch.nn.Conv2d(3, 3, 1))) == (6, 8, 8)
+    shapes = []
+    _, xt, info = capture(pp, torch.randn(2, 3, 320, 320), True, lambda x, dyn: shapes.append(tuple(x.shape)), "t")
+    step = spatial_step(pp)
+    assert shapes == [tuple(xt.shape)] == [(2, 3, 6 * step + 3, 7 * step + 5)]  # below the export size 320
+    assert info["dynamic_spatial"]

@@ -50,7 +50,8 @@ def is_symbolic(*sizes: Any) -> bool:
 
 def concrete(size: Any) -> Any:
     """The example's value of a size that ``torch.jit.trace`` records (a 0-dim tensor), for a Python decision that
-    does not change the computed values (which backend runs); anything else unchanged. Reading it this way is
+    does not change the computed values (which backend runs) or a size that is the same at every input size (a
+    parameter's); anything else unchanged. Reading it this way is
     deliberate, so the tracer's warning (which the export treats as a size fixed by mistake) is not raised."""
     if not isinstance(size, torch.Tensor):
         return size

@@ -245,9 +245,10 @@ class DeformableAttention2d(nn.Module):
             offset = q.new_zeros(B * G, 2, Hk, Wk, dtype=acc)
         else:
             q_off = q.reshape(B * G, Cg, H, W)  # BG, Cg, H, W
-            # maps shorter than the kernel get padded bottom/right so the key grid keeps >= 1 point
+            # maps shorter than the kernel get padded bottom/right so the key grid keeps >= 1 point; no map needs
+            # it when k - 2p <= 1 (the official padding k // 2), and then no pad is recorded for a traced size
             pad_h, pad_w = sym_max(k - H - 2 * p, 0), sym_max(k - W - 2 * p, 0)
-            if is_symbolic(H, W) or pad_h or pad_w:
+            if k - 2 * p > 1 and (is_symbolic(H, W) or pad_h or pad_w):
                 q_off = F.pad(q_off, (0, pad_w, 0, pad_h))
             offset = self.conv_offset(q_off).to(acc)  # BG, 2, Hk, Wk
         pos = DF.bound_offsets(

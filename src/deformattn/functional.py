@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._shapes import shared, sym_max, sym_min
+from ._shapes import concrete, shared, sym_max, sym_min
 
 __all__ = [
     "POS_BIAS_KINDS",
@@ -197,35 +197,61 @@ def grid_sample_gather(input: Tensor, grid: Tensor) -> Tensor:
         Tensor[N, C, Ho, Wo]
     """
     N, C, H, W = input.shape
-    Ho, Wo = grid.shape[1:3]
     acc = coord_dtype(torch.promote_types(input.dtype, grid.dtype))
     grid = _to(grid, acc)
-    ix = (grid[..., 0] + 1.0) * (0.5 * (W - 1))  # N, Ho, Wo (pixel coordinates)
-    iy = (grid[..., 1] + 1.0) * (0.5 * (H - 1))
-    x0, y0 = torch.floor(ix), torch.floor(iy)
-    wx1, wy1 = ix - x0, iy - y0
-    # per axis once (not per tap): each tap's clamped position and its weight, zero outside the map (where the
-    # clamp moved the position)
-    xs, ys = [], []
-    for p0, w1, size, out_list in ((x0, wx1, W, xs), (y0, wy1, H, ys)):
-        for d, w in ((0, 1.0 - w1), (1, w1)):
-            p = p0 + d
-            pc = p.clamp(0, size - 1)
-            out_list.append((pc, torch.where(pc == p, w, 0.0)))
-    # one gather per tap (one gather of all four taps makes index, weight and tap tensors four times the output:
-    # slower for the bias table's many points), flatten / unsqueeze / expand(-1, C, -1) rather than reshapes to
-    # spelled-out sizes (the same values; a trace for export records no size arithmetic for them), and the first
-    # tap as the start of the sum rather than a zero tensor
-    flat = input.flatten(2)  # N, C, H*W
+    rows = input.permute(0, 2, 3, 1).flatten(0, 2)  # N*H*W, C: map n starts at row n*H*W
+    base = torch.arange(N, device=input.device).mul(H * W).view(-1, 1, 1)  # N, 1, 1
+    out = _gather_bilinear(rows, base, H, W, grid[..., 1], grid[..., 0])  # N, Ho, Wo, C
+    return _to(out.permute(0, 3, 1, 2), input.dtype)
+
+
+def _gather_bilinear(rows: Tensor, base: Tensor, H, W, gy: Tensor, gx: Tensor) -> Tensor:
+    """Bilinear samples of ``H x W`` maps stored as rows of channels: each tap is one Gather of whole rows (an
+    embedding lookup), with no index spread over the channels and no size arithmetic in an exported graph; the
+    taps are summed one by one in grid_sample's order (one gather of all four would make the index, weight and
+    tap tensors four times the output).
+
+    Args:
+        rows (Tensor[M, C]): the maps, pixel-major; base, gy, gx: see :func:`_bilinear_taps`.
+
+    Returns:
+        Tensor[N, Ho, Wo, C] in the coordinates' dtype.
+    """
     out: Tensor | None = None
-    for yi, wy in ys:
-        row = yi * W
-        for xi, wx in xs:
-            idx = (row + xi).to(torch.int64).flatten(1).unsqueeze(1)  # N, 1, Ho*Wo
-            tap = _to(torch.gather(flat, 2, idx.expand(-1, C, -1)), acc) * (wx * wy).flatten(1).unsqueeze(1)
-            out = tap if out is None else out + tap  # N, C, Ho*Wo, tap by tap in grid_sample's order
+    for idx, w in _bilinear_taps(base, H, W, gy, gx):
+        tap = _to(F.embedding(idx, rows), gx.dtype) * w.unsqueeze(-1)  # N, Ho, Wo, C
+        out = tap if out is None else out + tap
     assert out is not None
-    return _to(out.unflatten(2, (Ho, Wo)), input.dtype)
+    return out
+
+
+def _bilinear_taps(base: Tensor, H, W, gy: Tensor, gx: Tensor) -> list[tuple[Tensor, Tensor]]:
+    """The four taps of bilinear sampling (zeros outside, ``align_corners=True``) in grid_sample's order.
+
+    Args:
+        base (Tensor[N, 1, 1] int64): flat index of each sample's map's first pixel; gy, gx (Tensor[N, Ho, Wo]):
+            normalised coordinates in :func:`coord_dtype`.
+
+    Returns:
+        ``[(index, weight)]``: flat pixel index (int64, clamped into the map) and weight (zero where the tap lies
+        outside the map), each ``Tensor[N, Ho, Wo]``.
+    """
+    # per axis once (not per tap): each tap's clamped position and its weight, zero outside the map (where the
+    # clamp moved the position); positions become integers before they are combined (exact at any size)
+    xs, ys = [], []
+    for g, size, out_list in ((gx, W, xs), (gy, H, ys)):
+        last = size - 1
+        i = (g + 1.0) * (0.5 * last)  # N, Ho, Wo (pixel coordinates)
+        p0 = torch.floor(i)
+        w1 = i - p0
+        for p, w in ((p0, 1.0 - w1), (p0 + 1, w1)):
+            pc = p.clamp(0, last)
+            out_list.append((pc.to(torch.int64), torch.where(pc == p, w, 0.0)))
+    taps = []
+    for yi, wy in ys:
+        row = yi * W + base
+        taps.extend((row + xi, wx * wy) for xi, wx in xs)
+    return taps
 
 
 def _to(t: Tensor, dtype: torch.dtype) -> Tensor:
@@ -262,6 +288,13 @@ def sample_keys(x: Tensor, pos: Tensor, groups: int, sampler: str = "grid_sample
     """
     B, C, H, W = x.shape
     Hk, Wk = pos.shape[1:3]
+    if sampler == "gather":  # the gather core reads (y, x) as given: no flipped copy of the positions
+        acc = coord_dtype(torch.promote_types(x.dtype, pos.dtype))
+        pos = _to(pos, acc)
+        rows = x.reshape(B * groups, C // groups, H, W).permute(0, 2, 3, 1).flatten(0, 2)  # BG*H*W, Cg
+        base = torch.arange(B * groups, device=x.device).mul(H * W).view(-1, 1, 1)  # BG, 1, 1
+        sampled = _gather_bilinear(rows, base, H, W, pos[..., 0], pos[..., 1])  # BG, Hk, Wk, Cg
+        return _to(sampled.permute(0, 3, 1, 2), x.dtype).reshape(B, C, Hk * Wk)
     sampled = bilinear_sample(
         x.reshape(B * groups, C // groups, H, W), pos.flip(-1), sampler  # grid_sample wants (x, y)
     )  # BG, Cg, Hk, Wk
@@ -280,7 +313,8 @@ def pool_keys(x: Tensor, Hk: int, Wk: int) -> Tensor:
 
 
 def table_bias(table: Tensor, q_grid: Tensor, pos: Tensor, groups: int, sampler: str = "grid_sample") -> Tensor:
-    """Deformable relative position bias, the official way: ``grid_sample`` of the table at the displacement.
+    """Deformable relative position bias, the official way: ``grid_sample`` of the table at the displacement
+    (``sampler="gather"``: the same taps gathered from the table's own rows).
 
     The table covers displacements in ``[-2, 2]`` (normalised units) with ``2 * q_h - 1`` cells; the displacement
     ``(q - p) / 2`` is therefore a ``grid_sample`` coordinate in ``[-1, 1]``.
@@ -300,6 +334,22 @@ def table_bias(table: Tensor, q_grid: Tensor, pos: Tensor, groups: int, sampler:
     B = BG // groups
     Nq = q_grid.shape[0] * q_grid.shape[1]
     Ns = pos.shape[1] * pos.shape[2]
+    if sampler == "gather":  # rows of the table itself (not one copy per image), read with g = n % G, (y, x)
+        # a head's table is a row and each tap one gather along the rows, the index repeated on every row
+        # (onnxruntime gathers single values far faster that way than with a Gather along the axis); the
+        # table's sizes are the parameter's, the same at every input size (plain ints in a captured graph)
+        nH, Th, Tw = (concrete(n) for n in table.shape)
+        hg, T = nH // groups, Th * Tw
+        cols = table.reshape(groups, hg, T).transpose(0, 1).flatten(1)  # hg, G*Th*Tw
+        base = (torch.arange(BG, device=pos.device) % groups).mul(T).view(-1, 1, 1)  # BG, 1, 1
+        dy, dx = (q_grid[..., i].flatten()[None, :, None] - pos[..., i].flatten(1)[:, None, :] for i in (0, 1))
+        per_head = torch.zeros((hg, 1), dtype=torch.int64, device=pos.device)  # + index: the index on every row
+        out: Tensor | None = None
+        for idx, w in _bilinear_taps(base, Th, Tw, dy.mul(0.5), dx.mul(0.5)):  # BG, Nq, Ns each
+            tap = cols.gather(1, idx.reshape(1, -1) + per_head) * w.reshape(-1)  # hg, BG*Nq*Ns
+            out = tap if out is None else out + tap
+        assert out is not None
+        return out.reshape(hg, B, groups, Nq, Ns).permute(1, 2, 0, 3, 4).reshape(B, nH, Nq, Ns)
     displacement = (q_grid.reshape(1, Nq, 1, 2) - pos.reshape(BG, 1, Ns, 2)).mul(0.5)  # BG, Nq, Ns, 2
     bias = bilinear_sample(
         table.reshape(1, groups, nH // groups, Th, Tw).expand(B, -1, -1, -1, -1).reshape(BG, nH // groups, Th, Tw),

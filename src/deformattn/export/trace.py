@@ -62,6 +62,18 @@ def jit_trace(model: nn.Module) -> TraceRun[torch.jit.ScriptModule]:
     return lambda x, dynamic_spatial: torch.jit.trace(model, (x,), check_trace=False)
 
 
+def trace_steps(model: nn.Module) -> int:
+    """Total strides the generic example of a ``torch.jit.trace`` spans (:func:`~.verify.trace_size`): 8 where
+    window attention runs (every stage map then holds two windows of 7, as a shifted-window block needs), else 6
+    (every stage map of a DAT is >= 6 and the two axes differ); the smaller the example, the cheaper the trace."""
+    from ..layers.window_attention import WindowAttention
+    from ..models.dat import DAT
+
+    if isinstance(model, DAT) and not any(isinstance(m, WindowAttention) for m in model.modules()):
+        return 6
+    return 8
+
+
 def capture(
     model: nn.Module, x: Tensor, dynamic: bool | str, run: TraceRun[_T], what: str,
     log: Callable[[str], None] | None = None, fallback: bool = True,
@@ -81,7 +93,8 @@ def capture(
     step = spatial_step(model)
     low = max(2, step)
     if dynamic is True and min(H, W) >= low:
-        Ht, Wt = trace_size(H, W, step, min_steps=8)
+        # the smallest generic size (the trace runs the model): not grown to the export size
+        Ht, Wt = trace_size(low, low, step, min_steps=trace_steps(model))
         xt = torch.randn(B, C, Ht, Wt, dtype=x.dtype)
         if log is not None:
             log(f"capture: {what} at {B}x{C}x{Ht}x{Wt} (sizes recorded: dynamic batch, height and width)")

@@ -30,7 +30,8 @@ def trace_size(H: int, W: int, step: int, min_steps: int = 16) -> tuple[int, int
     example. At an export size like 224 the last stage of DAT v1 has one 7x7 window, so a trace there would fix the
     size; traced here, the graph holds the general code. ``torch.export`` traces on fake tensors (the size costs
     nothing: 16 steps, >= 2 tiles of up to 12 per axis in the deepest map); ``torch.jit.trace`` runs the model,
-    so it takes 8 (every stage map >= 8, two windows of 7) and reports any size it fixed itself.
+    so it takes as few as the model allows (:func:`~.trace.trace_steps`: 8 with shifted windows, 6 otherwise),
+    at the smallest such size rather than the export size, and reports any size it fixed itself.
     """
     base = min_steps * max(1, step)
     return max(H, base) + 3, max(W, base) + max(1, step) + 5

@@ -234,16 +234,19 @@ def neighborhood_attention_tiled(
     else:  # the index tensors depend on the sizes only
         plan = _cached_tiled_plan(H, W, kernel_size, tile, heads, q.device)
     qpos, kpos, bias_index, outpos, (nt, TT, RR, Hp, Wp) = plan
-    if symbolic:  # the tiling of a traced dynamic size may reach past the map: pad to its extent
-        pad = (0, 0, 0, Wp - W, 0, Hp - H)
-        q, k, v = F.pad(q, pad), F.pad(k, pad), F.pad(v, pad)
     one_tile = not symbolic and nt == 1 and TT == RR == H * W  # the tile is the map: no gathers
-    # B, nH, nt, T*T or R*R, hd (one gather each, straight into the tile layout)
-    qt, kt, vt = (
-        t.flatten(2, 3).view(B, nH, 1, H * W, hd) if one_tile
-        else t.flatten(2, 3).index_select(2, pos).unflatten(2, (nt, n))
-        for t, pos, n in ((q, qpos, TT), (k, kpos, RR), (v, kpos, RR))
-    )
+    if symbolic:  # the tiling of a traced dynamic size may reach past the map: pad to its extent, the three maps
+        # at once and k, v gathered together (each exported pad, flatten or unflatten of traced sizes is several
+        # nodes of size arithmetic)
+        qkv = F.pad(torch.stack((q, k, v)), (0, 0, 0, Wp - W, 0, Hp - H)).flatten(3, 4)  # 3, B, nH, Hp*Wp, hd
+        qt = qkv[0].index_select(2, qpos).unflatten(2, (nt, TT))  # B, nH, nt, T*T, hd
+        kt, vt = qkv[1:].index_select(3, kpos).unflatten(3, (nt, RR)).unbind(0)  # B, nH, nt, R*R, hd each
+    else:  # B, nH, nt, T*T or R*R, hd (one gather each, straight into the tile layout)
+        qt, kt, vt = (
+            t.flatten(2, 3).view(B, nH, 1, H * W, hd) if one_tile
+            else t.flatten(2, 3).index_select(2, pos).unflatten(2, (nt, n))
+            for t, pos, n in ((q, qpos, TT), (k, kpos, RR), (v, kpos, RR))
+        )
     if rpb is None:
         table = q.new_zeros(1, (2 * kernel_size - 1) ** 2)
     else:
