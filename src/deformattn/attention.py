@@ -244,7 +244,7 @@ class DeformableAttention2d(nn.Module):
         if self.no_off:
             offset = q.new_zeros(B * G, 2, Hk, Wk, dtype=acc)
         else:
-            q_off = q.reshape(B * G, Cg, H, W)  # BG, Cg, H, W
+            q_off = q.reshape(-1, Cg, H, W)  # BG, Cg, H, W
             # maps shorter than the kernel get padded bottom/right so the key grid keeps >= 1 point; no map needs
             # it when k - 2p <= 1 (the official padding k // 2), and then no pad is recorded for a traced size
             pad_h, pad_w = sym_max(k - H - 2 * p, 0), sym_max(k - W - 2 * p, 0)
@@ -295,12 +295,12 @@ class DeformableAttention2d(nn.Module):
         Ns = xs.shape[1]
         # contiguous here, not in the backend: the strided projection outputs would otherwise stay alive (held by
         # this frame) beside the backend's copies for the whole attention call
-        k = _conv1x1(self.proj_k, xs).reshape(B, Ns, nH, hc).transpose(1, 2).contiguous()  # B, nH, Ns, hc
-        v = _conv1x1(self.proj_v, xs).reshape(B, Ns, nH, hc).transpose(1, 2).contiguous()  # B, nH, Ns, hc
+        k = _conv1x1(self.proj_k, xs).reshape(-1, Ns, nH, hc).transpose(1, 2).contiguous()  # B, nH, Ns, hc
+        v = _conv1x1(self.proj_v, xs).reshape(-1, Ns, nH, hc).transpose(1, 2).contiguous()  # B, nH, Ns, hc
         del xs
         # contiguous here (unit stride along hc, as the fast kernels need), so that q itself can go before the
         # attention call when nothing after it reads q: the call then holds one copy of the queries, not two
-        qh = q.reshape(B, nH, hc, H * W).transpose(-1, -2).contiguous()  # B, nH, H*W, hc
+        qh = q.reshape(-1, nH, hc, H * W).transpose(-1, -2).contiguous()  # B, nH, H*W, hc
         if self.pos_bias != "dwc":
             del q
         bias = self.position_bias_params()
@@ -314,7 +314,7 @@ class DeformableAttention2d(nn.Module):
             qh, k, v, pos, bias, H=H, W=W, scale=self.scale, attn_drop=self.attn_drop, training=self.training
         )  # B, nH, H*W, hc
         del qh, k, v
-        out = out.transpose(1, 2).reshape(B, H, W, C).permute(0, 3, 1, 2)  # channels_last, as the blocks' maps
+        out = out.transpose(1, 2).reshape(-1, H, W, self.dim).permute(0, 3, 1, 2)  # channels_last, as the blocks' maps
         if self.pos_bias == "dwc":
             out = out + self.rpe_table(q)
         y = F.dropout(self.proj_out(out), p=self.proj_drop, training=self.training)

@@ -291,10 +291,10 @@ def sample_keys(x: Tensor, pos: Tensor, groups: int, sampler: str = "grid_sample
     if sampler == "gather":  # the gather core reads (y, x) as given: no flipped copy of the positions
         acc = coord_dtype(torch.promote_types(x.dtype, pos.dtype))
         pos = _to(pos, acc)
-        rows = x.reshape(B * groups, C // groups, H, W).permute(0, 2, 3, 1).flatten(0, 2)  # BG*H*W, Cg
+        rows = x.reshape(-1, C // groups, H, W).permute(0, 2, 3, 1).flatten(0, 2)  # BG*H*W, Cg
         base = torch.arange(B * groups, device=x.device).mul(H * W).view(-1, 1, 1)  # BG, 1, 1
         sampled = _gather_bilinear(rows, base, H, W, pos[..., 0], pos[..., 1])  # BG, Hk, Wk, Cg
-        return _to(sampled.permute(0, 3, 1, 2), x.dtype).reshape(B, C, Hk * Wk)
+        return _to(sampled.permute(0, 3, 1, 2), x.dtype).reshape(-1, C, Hk * Wk)
     sampled = bilinear_sample(
         x.reshape(B * groups, C // groups, H, W), pos.flip(-1), sampler  # grid_sample wants (x, y)
     )  # BG, Cg, Hk, Wk
@@ -349,7 +349,7 @@ def table_bias(table: Tensor, q_grid: Tensor, pos: Tensor, groups: int, sampler:
             tap = cols.gather(1, idx.reshape(1, -1) + per_head) * w.reshape(-1)  # hg, BG*Nq*Ns
             out = tap if out is None else out + tap
         assert out is not None
-        return out.reshape(hg, B, groups, Nq, Ns).permute(1, 2, 0, 3, 4).reshape(B, nH, Nq, Ns)
+        return out.reshape(hg, -1, groups, Nq, Ns).permute(1, 2, 0, 3, 4).reshape(-1, nH, Nq, Ns)
     displacement = (q_grid.reshape(1, Nq, 1, 2) - pos.reshape(BG, 1, Ns, 2)).mul(0.5)  # BG, Nq, Ns, 2
     bias = bilinear_sample(
         table.reshape(1, groups, nH // groups, Th, Tw).expand(B, -1, -1, -1, -1).reshape(BG, nH // groups, Th, Tw),

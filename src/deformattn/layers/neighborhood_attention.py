@@ -260,11 +260,11 @@ def neighborhood_attention_tiled(
     else:  # no autograd: the row-wise softmax may overwrite its input (saves a full-size buffer)
         torch.softmax(attn, dim=-1, out=attn)
     attn = F.dropout(attn, p=attn_drop, training=training)
-    out = (attn @ vt).view(B, nH, nt * TT, hd)  # B, nH, nt*T*T, hd
+    out = (attn @ vt).view(-1, nH, nt * TT, hd)  # B, nH, nt*T*T, hd
     if one_tile:
         return out.view(B, nH, H, W, hd)
     # gathered pixel-major (B, H*W, nH, hd): the caller's merge of the heads is then a view
-    return out.transpose(1, 2).index_select(1, outpos).view(B, H, W, nH, hd).permute(0, 3, 1, 2, 4)
+    return out.transpose(1, 2).index_select(1, outpos).view(-1, H, W, nH, hd).permute(0, 3, 1, 2, 4)
 
 
 def neighborhood_attention2d(
@@ -387,7 +387,7 @@ class NeighborhoodAttention2d(nn.Module):
     def qkv_heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Padded channels-last input ``Tensor[B, Hp, Wp, C]`` -> scaled q, k, v, each ``Tensor[B, nH, Hp, Wp, hd]``."""
         B, Hp, Wp, _ = x.shape
-        qkv = self.qkv(x).reshape(B, Hp, Wp, 3, self.num_heads, self.head_dim).permute(3, 0, 4, 1, 2, 5)
+        qkv = self.qkv(x).reshape(-1, Hp, Wp, 3, self.num_heads, self.head_dim).permute(3, 0, 4, 1, 2, 5)
         # one copy into per-head planes: the backends gather whole hd-rows of contiguous maps
         q, k, v = qkv.contiguous().unbind(0)  # B, nH, Hp, Wp, hd
         return q * self.scale, k, v
@@ -410,6 +410,6 @@ class NeighborhoodAttention2d(nn.Module):
             q, k, v, self.rpb, self.kernel_size, attn_drop=self.attn_drop, training=self.training,
             backend=self.backend,
         )  # B, nH, Hp, Wp, hd
-        out = out.permute(0, 2, 3, 1, 4).reshape(B, Hp, Wp, C)[:, :H, :W]  # B, H, W, C
+        out = out.permute(0, 2, 3, 1, 4).reshape(-1, Hp, Wp, self.dim)[:, :H, :W]  # B, H, W, C
         out = F.dropout(self.proj(out), p=self.proj_drop, training=self.training)
         return out.permute(0, 3, 1, 2)  # B, C, H, W
