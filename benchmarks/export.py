@@ -284,8 +284,8 @@ def _time_runtimes(args: argparse.Namespace, ort: Any, torch: Any, model: Any, n
                     medians[rt].append(t["median_ms"])
             eager_ms = statistics.median(medians["pytorch-eager"])
             ort_ms = statistics.median(medians["onnxruntime"])
-            rows.append({"model": name, "exporter": exporter, "H": H, "W": W, "batch": b, "eager_ms": eager_ms, "ort_ms": ort_ms,
-                         "ort_speedup": eager_ms / ort_ms, "max_abs_diff": diff,
+            rows.append({"model": name, "exporter": exporter, "H": H, "W": W, "batch": b, "eager_ms": eager_ms,
+                         "ort_ms": ort_ms, "ort_speedup": eager_ms / ort_ms, "max_abs_diff": diff,
                          "rel_diff": diff / max(scale, 1e-30), "rounds_ms": medians})
             _log(t0, f"{name} ({exporter}) {H}x{W} batch {b}: eager {eager_ms:.0f} ms, onnxruntime {ort_ms:.0f} ms "
                      f"({eager_ms / ort_ms:.2f}x), max abs diff {diff:.1e} ({diff / max(scale, 1e-30):.1e} "
